@@ -1,0 +1,1 @@
+"""HTTP routes. Thin: they parse, call lifecycle/jobs, and render; no SQL here."""

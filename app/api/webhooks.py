@@ -1,0 +1,112 @@
+"""``POST /webhooks/hiapi/{video_id}/{token}``: hiapi's callback.
+
+It answers within one short SQL transaction: no network or file I/O. The URL's token proves
+the caller got it from us; the conditional update in ``lifecycle.apply_task`` makes duplicate
+or concurrent copies harmless; a won download starts after the response is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Request
+from pydantic import BaseModel
+
+from app import lifecycle
+from app.api.deps import ContextDep
+from app.errors import AppError
+from app.hiapi.schemas import parse_task_payload
+from app.logging import bind
+from app.models import Via
+from app.schemas import ErrorOut
+from app.security import token_matches
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["webhooks"])
+
+MAX_CALLBACK_BYTES = 256 * 1024
+
+
+class CallbackAck(BaseModel):
+    outcome: str
+
+
+async def _read_capped(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_CALLBACK_BYTES:
+        raise AppError("callback body too large", code="too_large", status_code=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_CALLBACK_BYTES:
+            raise AppError("callback body too large", code="too_large", status_code=413)
+    return bytes(body)
+
+
+@router.post(
+    "/webhooks/hiapi/{video_id}/{token}",
+    response_model=CallbackAck,
+    summary="hiapi task callback",
+    description=(
+        "hiapi POSTs the finished task here (bare, or wrapped as `{code, data}`). The URL is "
+        "per video and signed; a wrong token gets 404. Duplicates are acknowledged and ignored."
+    ),
+    responses={
+        400: {"model": ErrorOut, "description": "Not JSON, or not a task object."},
+        404: {"model": ErrorOut, "description": "Unknown video or wrong token."},
+        409: {"model": ErrorOut, "description": "The task belongs to a different video."},
+        413: {"model": ErrorOut, "description": "Body larger than 256 KiB."},
+        503: {"model": ErrorOut, "description": "Database unavailable; hiapi should retry."},
+    },
+)
+async def hiapi_callback(
+    video_id: str,
+    token: str,
+    request: Request,
+    ctx: ContextDep,
+    background: BackgroundTasks,
+) -> CallbackAck:
+    try:
+        vid = uuid.UUID(video_id)
+    except ValueError:
+        raise HTTPException(404, "not found") from None
+    if not token_matches(ctx.webhook_secret, vid, token):
+        log.warning("webhook.bad_token", extra={"video_id": vid})
+        raise HTTPException(404, "not found")
+    raw = await _read_capped(request)
+    try:
+        payload: Any = json.loads(raw)
+        task = parse_task_payload(payload)
+    except ValueError as exc:
+        raise AppError(
+            f"callback body is not a hiapi task: {exc}", code="bad_callback", status_code=400
+        ) from None
+
+    owner = uuid.uuid4().hex
+    with bind(video_id=vid, task_id=task.taskId):
+        async with ctx.sessionmaker() as session, session.begin():
+            outcome, video = await lifecycle.apply_task(
+                session,
+                video_id=vid,
+                task=task,
+                via=Via.callback,
+                owner=owner,
+                now=ctx.clock(),
+                lease=ctx.lease,
+            )
+        if outcome == lifecycle.ApplyOutcome.foreign_task:
+            if video is None:
+                raise HTTPException(404, "not found")
+            log.warning("webhook.foreign_task")
+            raise AppError(
+                "this task does not belong to this video", code="foreign_task", status_code=409
+            )
+        log.info("webhook.%s status=%s", outcome.value, task.status.value)
+        if outcome == lifecycle.ApplyOutcome.download_claimed:
+            background.add_task(ctx.runner.start_download_later, vid, owner)
+    return CallbackAck(outcome=outcome.value)

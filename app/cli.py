@@ -1,0 +1,176 @@
+"""The ``videorelay`` command: ``serve``, ``migrate`` and ``simulator``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from pydantic import SecretStr, ValidationError
+
+from app.config import ConfigError, Settings
+from app.logging import configure_logging
+
+__all__ = ["main"]
+
+
+def _port_default() -> int:
+    return int(os.environ.get("PORT", "8000"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="videorelay", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service (and its reconciler)")
+    serve.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=_port_default(), help="default: $PORT or 8000")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--simulate",
+        action="store_true",
+        help="embed the hiapi simulator at /simulator and point the service at it (no key needed)",
+    )
+    serve.add_argument(
+        "--migrate", action="store_true", help="apply database migrations before starting"
+    )
+
+    sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
+
+    sim = sub.add_parser("simulator", help="run a standalone fake hiapi")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=9100)
+    sim.add_argument("--public-base-url", default=None, help="default: http://HOST:PORT")
+    sim.add_argument("--api-key", default=None, help="require this bearer key (default: any sk-*)")
+    sim.add_argument("--latency", type=float, default=1.0, help="seconds to 'render' a clip")
+    sim.add_argument("--fail-rate", type=float, default=0.0, help="share of tasks that fail")
+    sim.add_argument("--error-5xx-rate", type=float, default=0.0, help="share of 503 answers")
+    sim.add_argument("--create-timeout-rate", type=float, default=0.0)
+    sim.add_argument("--drop-rate", type=float, default=0.0, help="share of callbacks never sent")
+    sim.add_argument("--duplicate-rate", type=float, default=0.0, help="share sent 2-3 times")
+    sim.add_argument("--url-ttl", type=float, default=3600.0, help="seconds an output URL lives")
+    sim.add_argument("--pad-bytes", type=int, default=0, help="grow each MP4 by this many bytes")
+    sim.add_argument("--no-fetch-images", action="store_true", help="always render a test frame")
+    sim.add_argument("--seed", type=int, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "migrate":
+            return _migrate(Settings())
+        return _simulator(args)
+    except (ConfigError, ValidationError) as exc:
+        print(f"videorelay: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _migrate(settings: Settings) -> int:
+    from app.migrate import upgrade
+
+    configure_logging(settings.LOG_LEVEL)
+    upgrade(settings.DATABASE_URL)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from app.main import create_app
+
+    settings = Settings()
+    configure_logging(settings.LOG_LEVEL)
+    if args.simulate:
+        return _serve_simulated(args, settings)
+    settings.require_production_secrets()
+    if args.migrate:
+        _migrate(settings)
+    if not settings.WEBHOOK_SECRET:
+        raise ConfigError("WEBHOOK_SECRET is required")
+    if args.workers > 1:
+        uvicorn.run(
+            "app.main:create_app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_config=None,
+            timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE_SECONDS) + 5,
+        )
+        return 0
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE_SECONDS) + 5,
+    )
+    return 0
+
+
+def _serve_simulated(args: argparse.Namespace, settings: Settings) -> int:
+    from app.main import create_app
+    from app.simulator import SimulatorConfig, create_simulator_app
+
+    local = f"http://127.0.0.1:{args.port}"
+    settings = settings.model_copy(
+        update={
+            "HIAPI_KEY": SecretStr("sk-simulator"),
+            "HIAPI_BASE_URL": f"{local}/simulator",
+            "PUBLIC_BASE_URL": local,
+            "DOWNLOAD_ALLOWED_HOSTS": f"{settings.DOWNLOAD_ALLOWED_HOSTS},{local}",
+        }
+    )
+    if args.workers != 1:
+        print("videorelay: --simulate runs one worker (the simulator keeps tasks in memory)")
+    _migrate(settings)
+    simulator = create_simulator_app(
+        SimulatorConfig(public_base_url=f"{local}/simulator", latency_seconds=2.0)
+    )
+    print(
+        f"\nvideorelay is running with the hiapi simulator at {local}\n"
+        f"  API docs:  {local}/docs\n"
+        f"  try it:    curl -s -X POST {local}/v1/videos -H 'content-type: application/json' "
+        '-d \'{"image_url": "https://example.com/still.jpg", "prompt": "slow zoom", '
+        '"duration": 3}\'\n'
+        f"  then:      curl -s {local}/v1/videos/<id>   and open  {local}/v1/videos/<id>/content\n",
+        flush=True,
+    )
+    uvicorn.run(
+        create_app(settings, simulator=simulator),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE_SECONDS) + 5,
+    )
+    return 0
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    from app.simulator import SimulatorConfig, create_simulator_app
+
+    configure_logging("INFO")
+    config = SimulatorConfig(
+        api_key=args.api_key,
+        public_base_url=args.public_base_url or f"http://{args.host}:{args.port}",
+        latency_seconds=args.latency,
+        fail_rate=args.fail_rate,
+        error_5xx_rate=args.error_5xx_rate,
+        create_timeout_rate=args.create_timeout_rate,
+        callback_drop_rate=args.drop_rate,
+        duplicate_rate=args.duplicate_rate,
+        url_ttl_seconds=args.url_ttl,
+        pad_bytes=args.pad_bytes,
+        fetch_images=not args.no_fetch_images,
+        seed=args.seed,
+    )
+    print(f"hiapi simulator listening on {config.public_base_url}", flush=True)
+    uvicorn.run(create_simulator_app(config), host=args.host, port=args.port, log_config=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

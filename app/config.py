@@ -1,0 +1,80 @@
+"""Settings: every knob comes from an environment variable (or ``.env``) of the same name.
+
+The README's configuration table documents exactly these fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ConfigError", "Settings"]
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/videorelay.db"
+
+
+class ConfigError(ValueError):
+    """Settings that would make the service unsafe or unable to work."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=True)
+
+    HIAPI_KEY: SecretStr | None = Field(
+        default=None, description="hiapi API key (sk-...). Required unless --simulate."
+    )
+    HIAPI_BASE_URL: str = Field(default="https://api.hiapi.ai")
+    HIAPI_TIMEOUT_SECONDS: float = Field(default=15.0, gt=0)
+    PUBLIC_BASE_URL: str = Field(
+        default="http://127.0.0.1:8000",
+        description="Where hiapi reaches this service; callback URLs are built from it.",
+    )
+    WEBHOOK_SECRET: SecretStr | None = Field(
+        default=None,
+        description="Key for the per-video callback token (HMAC). Required in production.",
+    )
+    DATABASE_URL: str = Field(default=DEFAULT_DATABASE_URL)
+    STORAGE_DIR: Path = Field(default=Path("./data/videos"))
+    DOWNLOAD_ALLOWED_HOSTS: str = Field(default="*.hiapi.ai")
+    MAX_VIDEO_BYTES: int = Field(default=512 * 1024 * 1024, gt=0)
+    DOWNLOAD_LEASE_SECONDS: float = Field(default=60.0, gt=0)
+    DOWNLOAD_CONCURRENCY: int = Field(default=4, ge=1)
+    RECONCILE_AFTER_SECONDS: float = Field(default=600.0, ge=0)
+    RECONCILE_INTERVAL_SECONDS: float = Field(default=30.0, gt=0)
+    RECONCILE_BATCH_SIZE: int = Field(default=100, ge=1)
+    RETRY_BASE_SECONDS: float = Field(default=5.0, gt=0)
+    RETRY_MAX_SECONDS: float = Field(default=300.0, gt=0)
+    SHUTDOWN_GRACE_SECONDS: float = Field(default=10.0, ge=0)
+    LOG_LEVEL: str = Field(default="INFO")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.WEBHOOK_SECRET is not None and len(self.WEBHOOK_SECRET.get_secret_value()) < 16:
+            raise ConfigError("WEBHOOK_SECRET must be at least 16 characters long")
+        if not self.PUBLIC_BASE_URL.startswith(("http://", "https://")):
+            raise ConfigError("PUBLIC_BASE_URL must start with http:// or https://")
+        return self
+
+    def require_production_secrets(self) -> None:
+        """``serve`` without ``--simulate`` talks to the real, paid hiapi: refuse to guess."""
+        missing = []
+        if self.HIAPI_KEY is None or not self.HIAPI_KEY.get_secret_value():
+            missing.append("HIAPI_KEY (the hiapi API key used to create tasks)")
+        if self.WEBHOOK_SECRET is None:
+            missing.append(
+                "WEBHOOK_SECRET (signs callback URLs; must be the same on every replica "
+                "and stable across restarts, or hiapi's callbacks will be refused)"
+            )
+        if missing:
+            raise ConfigError(
+                "refusing to start against the real hiapi without: "
+                + "; ".join(missing)
+                + ". Set them in the environment or .env, or run `videorelay serve --simulate`."
+            )
+
+    @property
+    def public_base(self) -> str:
+        return self.PUBLIC_BASE_URL.rstrip("/")

@@ -1,0 +1,144 @@
+"""The objects one running service owns, built in ``lifespan`` and shared by routes and jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.config import Settings
+from app.hiapi.client import HiapiClient
+from app.jobs.downloader import Downloader, DownloadSettings
+from app.jobs.hosts import HostAllowlist
+from app.jobs.reconciler import Reconciler
+from app.jobs.runner import JobRunner
+from app.jobs.submitter import SubmitPolicy
+from app.security import callback_url
+from app.storage import LocalStorage
+
+__all__ = ["AppContext", "build_context"]
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    hiapi_http: httpx.AsyncClient
+    download_http: httpx.AsyncClient
+    hiapi: HiapiClient
+    storage: LocalStorage
+    runner: JobRunner
+    reconciler: Reconciler
+    submit_policy: SubmitPolicy
+    webhook_secret: bytes
+    clock: Callable[[], datetime]
+    head_revision: str | None
+    stop: asyncio.Event
+    shutting_down: bool = False
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def callback_url(self, video_id: uuid.UUID) -> str:
+        return callback_url(self.settings.public_base, self.webhook_secret, video_id)
+
+    def content_url(self, video_id: uuid.UUID) -> str:
+        return f"{self.settings.public_base}/v1/videos/{video_id}/content"
+
+    @property
+    def lease(self) -> timedelta:
+        return timedelta(seconds=self.settings.DOWNLOAD_LEASE_SECONDS)
+
+    async def aclose(self) -> None:
+        await self.hiapi_http.aclose()
+        await self.download_http.aclose()
+        await self.engine.dispose()
+
+
+def build_context(
+    settings: Settings,
+    *,
+    engine: AsyncEngine,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    clock: Callable[[], datetime],
+    head_revision: str | None,
+) -> AppContext:
+    retry_base, retry_max = settings.RETRY_BASE_SECONDS, settings.RETRY_MAX_SECONDS
+    secret = (
+        settings.WEBHOOK_SECRET.get_secret_value().encode()
+        if settings.WEBHOOK_SECRET is not None
+        else secrets.token_bytes(32)
+    )
+    api_key = settings.HIAPI_KEY.get_secret_value() if settings.HIAPI_KEY else "sk-unset"
+    hiapi_http = httpx.AsyncClient(
+        base_url=settings.HIAPI_BASE_URL,
+        timeout=httpx.Timeout(settings.HIAPI_TIMEOUT_SECONDS, connect=5.0),
+        follow_redirects=False,
+    )
+    download_http = httpx.AsyncClient(
+        timeout=httpx.Timeout(60.0, connect=10.0),
+        follow_redirects=False,  # redirects are followed by hand, each hop checked
+        limits=httpx.Limits(max_connections=settings.DOWNLOAD_CONCURRENCY * 2),
+    )
+    stop = asyncio.Event()
+    storage = LocalStorage(settings.STORAGE_DIR)
+    lease = timedelta(seconds=settings.DOWNLOAD_LEASE_SECONDS)
+    downloader = Downloader(
+        sessionmaker=sessionmaker,
+        http=download_http,
+        storage=storage,
+        allowlist=HostAllowlist.parse(settings.DOWNLOAD_ALLOWED_HOSTS),
+        settings=DownloadSettings(
+            max_bytes=settings.MAX_VIDEO_BYTES,
+            lease=lease,
+            retry_base=retry_base,
+            retry_max=retry_max,
+        ),
+        stop=stop,
+        clock=clock,
+    )
+    runner = JobRunner(downloader, stop=stop, concurrency=settings.DOWNLOAD_CONCURRENCY)
+    policy = SubmitPolicy(
+        public_base=settings.public_base,
+        webhook_secret=secret,
+        poll_after=timedelta(seconds=settings.RECONCILE_AFTER_SECONDS),
+        retry_base=retry_base,
+        retry_max=retry_max,
+    )
+    hiapi = HiapiClient(hiapi_http, api_key=api_key)
+
+    def make_callback_url(video_id: uuid.UUID) -> str:
+        return callback_url(settings.public_base, secret, video_id)
+
+    reconciler = Reconciler(
+        sessionmaker=sessionmaker,
+        hiapi=hiapi,
+        runner=runner,
+        policy=policy,
+        callback_url=make_callback_url,
+        interval=settings.RECONCILE_INTERVAL_SECONDS,
+        batch_size=settings.RECONCILE_BATCH_SIZE,
+        lease=lease,
+        clock=clock,
+    )
+    return AppContext(
+        settings=settings,
+        engine=engine,
+        sessionmaker=sessionmaker,
+        hiapi_http=hiapi_http,
+        download_http=download_http,
+        hiapi=hiapi,
+        storage=storage,
+        runner=runner,
+        reconciler=reconciler,
+        submit_policy=policy,
+        webhook_secret=secret,
+        clock=clock,
+        head_revision=head_revision,
+        stop=stop,
+    )

@@ -1,0 +1,1 @@
+"""Background work: submitting tasks, downloading clips, reconciling lost callbacks."""

@@ -1,0 +1,294 @@
+"""Copy a finished clip from hiapi's temporary URL into our storage, exactly once.
+
+The caller already holds the download lease (``lifecycle.apply_task`` or ``claim_due``). The
+body is streamed to a partial file while its sha256 and size are computed; the first bytes must
+be an MP4 ``ftyp`` box; the size is capped while streaming, not trusted from Content-Length. The
+file is fsynced and renamed into place, and only then is the video marked ``ready`` (still under
+the lease). Hashing and disk writes run in a worker thread so the event loop keeps acking
+webhooks. Transient failures give the lease back with a backoff until ``expireAt``; a stop
+request (shutdown) gives it back at once so any replica can resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app import lifecycle
+from app.jobs.hosts import HostAllowlist
+from app.logging import bind
+from app.retry import backoff_seconds
+from app.storage import LocalStorage
+
+__all__ = ["DownloadSettings", "Downloader", "is_mp4_header"]
+
+log = logging.getLogger(__name__)
+
+WRITE_CHUNK = 1024 * 1024
+MAX_REDIRECTS = 5
+# Without expireAt we still stop retrying eventually.
+NO_EXPIRY_RETRY_WINDOW = timedelta(hours=24)
+
+
+def is_mp4_header(head: bytes) -> bool:
+    """An ISO-BMFF file starts with a box whose type (bytes 4..8) is ``ftyp``."""
+    return len(head) >= 8 and head[4:8] == b"ftyp"
+
+
+class DownloadError(Exception):
+    code = "download_failed"
+
+
+class Transient(DownloadError):
+    pass
+
+
+class Permanent(DownloadError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Stopped(Exception):
+    """Shutdown requested or the lease was lost: give up this attempt, keep nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadSettings:
+    max_bytes: int
+    lease: timedelta
+    retry_base: float
+    retry_max: float
+
+
+class Downloader:
+    def __init__(
+        self,
+        *,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        http: httpx.AsyncClient,
+        storage: LocalStorage,
+        allowlist: HostAllowlist,
+        settings: DownloadSettings,
+        stop: asyncio.Event,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._sm = sessionmaker
+        self._http = http
+        self._storage = storage
+        self._allow = allowlist
+        self._settings = settings
+        self._stop = stop
+        self._clock = clock
+
+    async def run(self, video_id: uuid.UUID, owner: str) -> None:
+        """Download one clip whose lease ``owner`` holds. Never raises."""
+        try:
+            async with self._sm() as session:
+                video = await lifecycle.get(session, video_id)
+            if video is None or video.lease_owner != owner or video.output_url is None:
+                return
+            with bind(video_id=video.id, task_id=video.task_id):
+                await self._attempt(
+                    video_id,
+                    owner,
+                    video.output_url,
+                    video.output_expires_at,
+                    video.task_finished_at,
+                    video.download_attempts,
+                )
+        except Exception:
+            log.exception("download.crashed")
+
+    async def _attempt(
+        self,
+        video_id: uuid.UUID,
+        owner: str,
+        url: str,
+        expires_at: datetime | None,
+        finished_at: datetime | None,
+        attempts: int,
+    ) -> None:
+        now = self._clock()
+        deadline = expires_at or ((finished_at or now) + NO_EXPIRY_RETRY_WINDOW)
+        if now >= deadline:
+            await self._fail(
+                video_id, owner, "expired", "the output URL expired before it could be downloaded"
+            )
+            return
+        partial = self._storage.partial_path(video_id, owner)
+        try:
+            await asyncio.to_thread(self._storage.discard_partials, video_id)
+            size, digest = await self._fetch(video_id, owner, url, partial)
+            key = self._storage.key_for(video_id)
+            await asyncio.to_thread(self._storage.commit, partial, key)
+        except Permanent as exc:
+            await asyncio.to_thread(partial.unlink, True)
+            await self._fail(video_id, owner, exc.code, str(exc))
+            return
+        except Stopped as exc:
+            await asyncio.to_thread(partial.unlink, True)
+            log.info("download.stopped reason=%s", exc)
+            await self._release(video_id, owner, self._clock(), f"stopped: {exc}")
+            return
+        except (Transient, httpx.HTTPError, OSError) as exc:
+            await asyncio.to_thread(partial.unlink, True)
+            now = self._clock()
+            delay = backoff_seconds(
+                attempts, base=self._settings.retry_base, cap=self._settings.retry_max
+            )
+            retry_at = now + timedelta(seconds=delay)
+            reason = _describe(exc)
+            if retry_at >= deadline:
+                await self._fail(
+                    video_id,
+                    owner,
+                    "expired",
+                    f"gave up before the output URL expired; last error: {reason}",
+                )
+                return
+            log.warning("download.retry in=%.1fs error=%s", delay, reason)
+            await self._release(video_id, owner, retry_at, reason)
+            return
+        async with self._sm() as session, session.begin():
+            ready = await lifecycle.mark_ready(
+                session,
+                video_id=video_id,
+                owner=owner,
+                size_bytes=size,
+                sha256=digest,
+                storage_key=key,
+                now=self._clock(),
+            )
+        if ready is None:
+            log.warning("download.lease_lost_before_ready")
+        else:
+            log.info("download.ready size=%d sha256=%s", size, digest)
+
+    async def _fetch(
+        self, video_id: uuid.UUID, owner: str, url: str, partial: Path
+    ) -> tuple[int, str]:
+        current = httpx.URL(url)
+        for _hop in range(MAX_REDIRECTS + 1):
+            if not self._allow.allows(current):
+                raise Permanent(
+                    "host_not_allowed",
+                    f"download host not allowed: {current.scheme}://{current.host}",
+                )
+            async with self._http.stream("GET", current) as response:
+                if response.is_redirect:
+                    location = response.headers.get("location")
+                    if not location:
+                        raise Permanent("bad_redirect", "redirect without a Location header")
+                    current = current.join(location)
+                    continue
+                return await self._consume(video_id, owner, response, partial)
+        raise Permanent("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
+
+    async def _consume(
+        self, video_id: uuid.UUID, owner: str, response: httpx.Response, partial: Path
+    ) -> tuple[int, str]:
+        status = response.status_code
+        if status in (408, 429) or status >= 500 or status in (403, 404, 410):
+            # 403/404/410 before expireAt can be storage lag; the deadline bounds the retries.
+            raise Transient(f"download answered HTTP {status}")
+        if status != 200:
+            raise Permanent(f"download_http_{status}", f"download answered HTTP {status}")
+        limit = self._settings.max_bytes
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise Permanent("too_large", f"clip is {declared} bytes; MAX_VIDEO_BYTES is {limit}")
+
+        hasher = hashlib.sha256()
+        total = 0
+        checked = False
+        buffer = bytearray()
+        renew_every = self._settings.lease.total_seconds() / 3
+        loop = asyncio.get_running_loop()
+        next_renew = loop.time() + renew_every
+        fh: IO[bytes] = await asyncio.to_thread(partial.open, "wb")
+        try:
+            async for chunk in response.aiter_bytes():
+                if self._stop.is_set():
+                    raise Stopped("shutdown")
+                total += len(chunk)
+                if total > limit:
+                    raise Permanent("too_large", f"clip exceeds MAX_VIDEO_BYTES ({limit} bytes)")
+                buffer += chunk
+                if not checked and len(buffer) >= 8:
+                    if not is_mp4_header(bytes(buffer[:8])):
+                        raise Permanent(
+                            "not_mp4", "the downloaded file is not an MP4 (no ftyp box)"
+                        )
+                    checked = True
+                if len(buffer) >= WRITE_CHUNK:
+                    await asyncio.to_thread(_write, fh, hasher, bytes(buffer))
+                    buffer.clear()
+                if loop.time() >= next_renew:
+                    await self._renew(video_id, owner)
+                    next_renew = loop.time() + renew_every
+            if not checked:
+                raise Permanent("not_mp4", "the downloaded file is not an MP4 (too short)")
+            if buffer:
+                await asyncio.to_thread(_write, fh, hasher, bytes(buffer))
+        finally:
+            await asyncio.to_thread(fh.close)
+        return total, hasher.hexdigest()
+
+    async def _renew(self, video_id: uuid.UUID, owner: str) -> None:
+        async with self._sm() as session, session.begin():
+            held = await lifecycle.renew_lease(
+                session,
+                video_id=video_id,
+                owner=owner,
+                now=self._clock(),
+                lease=self._settings.lease,
+            )
+        if not held:
+            raise Stopped("lease lost")
+
+    async def _release(
+        self, video_id: uuid.UUID, owner: str, retry_at: datetime, error: str
+    ) -> None:
+        async with self._sm() as session, session.begin():
+            await lifecycle.release_download(
+                session,
+                video_id=video_id,
+                owner=owner,
+                retry_at=retry_at,
+                error=error,
+                now=self._clock(),
+            )
+
+    async def _fail(self, video_id: uuid.UUID, owner: str, code: str, message: str) -> None:
+        async with self._sm() as session, session.begin():
+            failed = await lifecycle.fail_download(
+                session,
+                video_id=video_id,
+                owner=owner,
+                code=code,
+                message=message,
+                now=self._clock(),
+            )
+        if failed is not None:
+            log.warning("download.failed code=%s message=%s", code, message)
+
+
+def _write(fh: IO[bytes], hasher: hashlib._Hash, data: bytes) -> None:
+    hasher.update(data)
+    fh.write(data)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

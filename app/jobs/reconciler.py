@@ -1,0 +1,183 @@
+"""The reconciler: the safety net for callbacks that never come.
+
+Every ``RECONCILE_INTERVAL_SECONDS`` each replica runs one tick:
+
+1. resubmit ``queued`` videos whose retry time has come;
+2. poll ``GET /v1/tasks/{taskId}`` for ``processing`` videos still waiting
+   ``RECONCILE_AFTER_SECONDS`` after submit, and apply the answer through
+   ``lifecycle.apply_task`` (the webhook's own code path). A terminal answer found this way
+   is a *recovered* video: its callback never arrived. Operators watch that number;
+3. resume downloads whose lease expired (a crashed or stopped replica) or whose retry time came.
+
+Rows are claimed with one conditional UPDATE (``FOR UPDATE SKIP LOCKED`` on Postgres), so
+replicas running the same tick never work on the same video.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app import lifecycle
+from app.hiapi.client import HiapiClient
+from app.hiapi.errors import HiapiError
+from app.jobs.runner import JobRunner
+from app.jobs.submitter import SubmitPolicy, submit_video
+from app.logging import bind
+from app.models import Status, Via, Video
+from app.retry import backoff_seconds
+
+__all__ = ["ReconcileStats", "Reconciler"]
+
+log = logging.getLogger(__name__)
+
+SUBMIT_HOLD = timedelta(seconds=120)
+POLL_HOLD = timedelta(seconds=120)
+
+
+@dataclass
+class ReconcileStats:
+    resubmitted: int = 0
+    polled: int = 0
+    recovered: int = 0  # terminal results found by polling: their callback never came
+    still_running: int = 0
+    poll_errors: int = 0
+    downloads_resumed: int = 0
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        hiapi: HiapiClient,
+        runner: JobRunner,
+        policy: SubmitPolicy,
+        callback_url: Callable[[uuid.UUID], str],
+        interval: float,
+        batch_size: int,
+        lease: timedelta,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._sm = sessionmaker
+        self._hiapi = hiapi
+        self._runner = runner
+        self._policy = policy
+        self._callback_url = callback_url
+        self._interval = interval
+        self._batch = batch_size
+        self._lease = lease
+        self._clock = clock
+        self.totals = ReconcileStats()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                stats = await self.tick()
+                if any(asdict(stats).values()):
+                    log.info(
+                        "reconciler.tick %s", " ".join(f"{k}={v}" for k, v in asdict(stats).items())
+                    )
+            except Exception:
+                log.exception("reconciler.tick_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._interval)
+
+    async def tick(self) -> ReconcileStats:
+        stats = ReconcileStats()
+        await self._resubmit(stats)
+        await self._poll(stats)
+        await self._resume_downloads(stats)
+        for key, value in asdict(stats).items():
+            setattr(self.totals, key, getattr(self.totals, key) + value)
+        return stats
+
+    async def _claim(self, status: Status, hold: timedelta) -> tuple[str, list[Video]]:
+        owner = uuid.uuid4().hex
+        async with self._sm() as session, session.begin():
+            rows = await lifecycle.claim_due(
+                session, status=status, now=self._clock(), hold=hold, owner=owner, limit=self._batch
+            )
+        return owner, rows
+
+    async def _resubmit(self, stats: ReconcileStats) -> None:
+        _, videos = await self._claim(Status.queued, SUBMIT_HOLD)
+        for video in videos:
+            await submit_video(
+                self._sm,
+                video=video,
+                hiapi=self._hiapi,
+                policy=self._policy,
+                clock=self._clock,
+                callback_url=self._callback_url,
+            )
+            stats.resubmitted += 1
+
+    async def _poll(self, stats: ReconcileStats) -> None:
+        _, videos = await self._claim(Status.processing, POLL_HOLD)
+        await asyncio.gather(*(self._poll_one(video, stats) for video in videos))
+
+    async def _poll_one(self, video: Video, stats: ReconcileStats) -> None:
+        if video.task_id is None:
+            return
+        with bind(video_id=video.id, task_id=video.task_id):
+            stats.polled += 1
+            error: str | None = None
+            try:
+                task = await self._hiapi.get_task(video.task_id)
+            except HiapiError as exc:
+                error = exc.message
+                task = None
+            if task is not None and task.status != "handling":
+                owner = uuid.uuid4().hex
+                async with self._sm() as session, session.begin():
+                    outcome, _ = await lifecycle.apply_task(
+                        session,
+                        video_id=video.id,
+                        task=task,
+                        via=Via.poll,
+                        owner=owner,
+                        now=self._clock(),
+                        lease=self._lease,
+                    )
+                if outcome in (
+                    lifecycle.ApplyOutcome.download_claimed,
+                    lifecycle.ApplyOutcome.failed,
+                ):
+                    stats.recovered += 1
+                    log.warning("reconciler.recovered status=%s (no callback arrived)", task.status)
+                if outcome == lifecycle.ApplyOutcome.download_claimed:
+                    self._runner.start_download(video.id, owner)
+                return
+            if error is None:
+                stats.still_running += 1
+            else:
+                stats.poll_errors += 1
+                log.warning("reconciler.poll_failed error=%s", error)
+            delay = backoff_seconds(
+                video.poll_attempts,
+                base=self._interval,
+                cap=max(self._interval, self._policy.poll_after.total_seconds()),
+            )
+            now = self._clock()
+            async with self._sm() as session, session.begin():
+                await lifecycle.record_poll_pending(
+                    session,
+                    video_id=video.id,
+                    next_poll_at=now + timedelta(seconds=delay),
+                    error=error,
+                    now=now,
+                )
+
+    async def _resume_downloads(self, stats: ReconcileStats) -> None:
+        owner, videos = await self._claim(Status.downloading, self._lease)
+        for video in videos:
+            stats.downloads_resumed += 1
+            self._runner.start_download(video.id, owner)

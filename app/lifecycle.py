@@ -1,0 +1,483 @@
+"""Every state change of a video, in one place.
+
+The submit endpoint, the webhook, the reconciler and the downloader all call these functions.
+Each change is one conditional SQL statement whose result says who won: the caller that gets
+a row back acts (sends the task, starts the download); the others do nothing. This is what
+makes duplicate callbacks, concurrent replicas and restarts safe without in-memory locks.
+
+State machine::
+
+    queued ──create ok──▶ processing ──task success──▶ downloading ──stored──▶ ready
+      │  ╲                    │                          │
+      │   ╲──task success (callback before taskId stored)─┘
+      ├──create rejected──▶ failed ◀──task fail──────────┤◀── expired / bad file
+      └──create 5xx/timeout: stays queued, due_at = next try
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.hiapi.schemas import Task, TaskStatus
+from app.models import Status, Via, Video
+
+__all__ = [
+    "ApplyOutcome",
+    "IdempotencyConflict",
+    "NewVideo",
+    "apply_task",
+    "claim_download",
+    "claim_due",
+    "create_video",
+    "fail_download",
+    "mark_ready",
+    "record_poll_pending",
+    "record_submit_rejected",
+    "record_submit_retry",
+    "record_submit_success",
+    "release_download",
+    "renew_lease",
+]
+
+WAITING_FOR_TASK = (Status.queued, Status.processing)
+
+
+@dataclass(frozen=True, slots=True)
+class NewVideo:
+    image_url: str
+    prompt: str | None
+    resolution: str
+    duration: int
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was already used for a request with different parameters."""
+
+    def __init__(self, video: Video) -> None:
+        super().__init__("idempotency key reused with different parameters")
+        self.video = video
+
+
+class ApplyOutcome(StrEnum):
+    download_claimed = "download_claimed"  # this caller owns the download lease: start it
+    failed = "failed"  # the task failed upstream; the video is now failed
+    adopted = "adopted"  # a handling task was recorded for a video that had no task id yet
+    pending = "pending"  # the task is still running; nothing changed
+    duplicate = "duplicate"  # already applied (or video already terminal): nothing to do
+    foreign_task = "foreign_task"  # the task id belongs to something else: rejected
+
+
+async def create_video(
+    session: AsyncSession,
+    *,
+    params: NewVideo,
+    idempotency_key: str | None,
+    now: datetime,
+    submit_hold: timedelta,
+) -> tuple[Video, bool]:
+    """Insert a queued video; with an idempotency key, return the earlier video instead.
+
+    ``due_at`` is pushed ``submit_hold`` into the future so the reconciler leaves the first
+    submit attempt to the request that created the row. Returns ``(video, created)``.
+    """
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "status": Status.queued.value,
+        "image_url": params.image_url,
+        "prompt": params.prompt,
+        "resolution": params.resolution,
+        "duration": params.duration,
+        "idempotency_key": idempotency_key,
+        "due_at": now + submit_hold,
+        "created_at": now,
+        "updated_at": now,
+        "submit_attempts": 0,
+        "ambiguous_submits": 0,
+        "poll_attempts": 0,
+        "download_attempts": 0,
+    }
+    if idempotency_key is None:
+        video = Video(**values)
+        session.add(video)
+        await session.flush()
+        return video, True
+    # One atomic statement closes the race of two identical requests arriving together:
+    # exactly one insert wins; the other reads the winner's row.
+    insert = _insert_for(session)
+    stmt = (
+        insert(Video)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(Video.id)
+    )
+    inserted = (await session.execute(stmt)).scalar_one_or_none()
+    existing = (
+        await session.execute(select(Video).where(Video.idempotency_key == idempotency_key))
+    ).scalar_one()
+    if inserted is not None:
+        return existing, True
+    same = (existing.image_url, existing.prompt, existing.resolution, existing.duration) == (
+        params.image_url,
+        params.prompt,
+        params.resolution,
+        params.duration,
+    )
+    if not same:
+        raise IdempotencyConflict(existing)
+    return existing, False
+
+
+def _insert_for(session: AsyncSession) -> Any:
+    name = session.get_bind().dialect.name
+    return postgresql.insert if name == "postgresql" else sqlite.insert
+
+
+async def _update_returning(session: AsyncSession, where: Any, **values: Any) -> Video | None:
+    stmt = update(Video).where(where).values(**values).returning(Video)
+    result = await session.execute(stmt, execution_options={"synchronize_session": False})
+    return result.scalar_one_or_none()
+
+
+async def get(session: AsyncSession, video_id: uuid.UUID) -> Video | None:
+    return (
+        await session.execute(
+            select(Video).where(Video.id == video_id).execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+
+
+# --- submit -----------------------------------------------------------------------------
+
+
+def _submittable(video_id: uuid.UUID) -> Any:
+    return and_(Video.id == video_id, Video.status == Status.queued, Video.task_id.is_(None))
+
+
+async def record_submit_success(
+    session: AsyncSession,
+    *,
+    video_id: uuid.UUID,
+    task_id: str,
+    now: datetime,
+    poll_after: timedelta,
+) -> Video | None:
+    """hiapi created ``task_id``. If a callback already adopted it, this changes nothing."""
+    return await _update_returning(
+        session,
+        _submittable(video_id),
+        status=Status.processing,
+        task_id=task_id,
+        submitted_at=now,
+        due_at=now + poll_after,
+        lease_owner=None,
+        submit_attempts=Video.submit_attempts + 1,
+        last_error=None,
+        updated_at=now,
+    )
+
+
+async def record_submit_rejected(
+    session: AsyncSession, *, video_id: uuid.UUID, code: str, message: str, now: datetime
+) -> Video | None:
+    """hiapi refused the task (400/401): final, never retried."""
+    return await _update_returning(
+        session,
+        _submittable(video_id),
+        status=Status.failed,
+        error_code=code,
+        error_message=message,
+        submit_attempts=Video.submit_attempts + 1,
+        lease_owner=None,
+        updated_at=now,
+    )
+
+
+async def record_submit_retry(
+    session: AsyncSession,
+    *,
+    video_id: uuid.UUID,
+    error: str,
+    ambiguous: bool,
+    retry_at: datetime,
+    now: datetime,
+) -> Video | None:
+    """The create call failed transiently: stay queued and try again at ``retry_at``.
+
+    After an ambiguous failure (timeout), the task may exist upstream; the caller picks a
+    ``retry_at`` late enough for that task's callback to arrive and be adopted first.
+    """
+    return await _update_returning(
+        session,
+        _submittable(video_id),
+        due_at=retry_at,
+        lease_owner=None,
+        submit_attempts=Video.submit_attempts + 1,
+        ambiguous_submits=Video.ambiguous_submits + (1 if ambiguous else 0),
+        last_error=error,
+        updated_at=now,
+    )
+
+
+# --- the task's result (webhook and reconciler alike) ------------------------------------
+
+
+async def apply_task(
+    session: AsyncSession,
+    *,
+    video_id: uuid.UUID,
+    task: Task,
+    via: Via,
+    owner: str,
+    now: datetime,
+    lease: timedelta,
+) -> tuple[ApplyOutcome, Video | None]:
+    """Apply what hiapi says about a task to the video it belongs to.
+
+    The guard ``status IN (queued, processing) AND (task_id IS NULL OR task_id = :task)``
+    makes this idempotent: the first caller moves the row on, every later copy (duplicate
+    callback, concurrent replica, late poll) matches no row. ``task_id IS NULL`` admits a
+    callback that overtook the create response, so it is adopted rather than lost.
+    On success the winner also takes the download lease, so exactly one download starts.
+    """
+    belongs = and_(
+        Video.id == video_id,
+        Video.status.in_(WAITING_FOR_TASK),
+        or_(Video.task_id.is_(None), Video.task_id == task.taskId),
+    )
+    if task.status == TaskStatus.handling:
+        adopted = await _update_returning(
+            session,
+            and_(Video.id == video_id, Video.status == Status.queued, Video.task_id.is_(None)),
+            status=Status.processing,
+            task_id=task.taskId,
+            submitted_at=now,
+            updated_at=now,
+        )
+        if adopted is not None:
+            return ApplyOutcome.adopted, adopted
+        return await _explain_noop(session, video_id, task, ApplyOutcome.pending)
+
+    common: dict[str, Any] = {
+        "task_id": task.taskId,
+        "completed_via": via.value,
+        "task_finished_at": now,
+        "submitted_at": func.coalesce(Video.submitted_at, now),
+        "updated_at": now,
+    }
+    if task.status == TaskStatus.success and task.output:
+        out = task.output[0]
+        expires = datetime.fromtimestamp(out.expireAt, UTC) if out.expireAt else None
+        won = await _update_returning(
+            session,
+            belongs,
+            status=Status.downloading,
+            output_url=out.url,
+            output_expires_at=expires,
+            due_at=now + lease,
+            lease_owner=owner,
+            download_attempts=1,
+            **common,
+        )
+        outcome = ApplyOutcome.download_claimed
+    else:
+        if task.status == TaskStatus.success:
+            code, message = "no_output", "hiapi reported success without an output URL"
+        else:
+            err = task.error
+            code = err.code if err else "unknown"
+            message = err.message if err else "hiapi reported the task as failed"
+        won = await _update_returning(
+            session,
+            belongs,
+            status=Status.failed,
+            error_code=code,
+            error_message=message,
+            lease_owner=None,
+            **common,
+        )
+        outcome = ApplyOutcome.failed
+    if won is not None:
+        return outcome, won
+    return await _explain_noop(session, video_id, task, ApplyOutcome.duplicate)
+
+
+async def _explain_noop(
+    session: AsyncSession, video_id: uuid.UUID, task: Task, default: ApplyOutcome
+) -> tuple[ApplyOutcome, Video | None]:
+    video = await get(session, video_id)
+    if video is None:
+        return ApplyOutcome.foreign_task, None
+    if video.task_id is not None and video.task_id != task.taskId:
+        return ApplyOutcome.foreign_task, video
+    return default, video
+
+
+async def record_poll_pending(
+    session: AsyncSession,
+    *,
+    video_id: uuid.UUID,
+    next_poll_at: datetime,
+    error: str | None,
+    now: datetime,
+) -> None:
+    """A poll found the task still running (or could not reach hiapi): poll again later."""
+    await session.execute(
+        update(Video)
+        .where(Video.id == video_id, Video.status == Status.processing)
+        .values(
+            due_at=next_poll_at,
+            lease_owner=None,
+            poll_attempts=Video.poll_attempts + 1,
+            last_error=error,
+            updated_at=now,
+        )
+    )
+
+
+# --- claims (reconciler) -----------------------------------------------------------------
+
+
+async def claim_due(
+    session: AsyncSession,
+    *,
+    status: Status,
+    now: datetime,
+    hold: timedelta,
+    owner: str,
+    limit: int,
+) -> list[Video]:
+    """Take up to ``limit`` rows of ``status`` whose ``due_at`` has passed.
+
+    One statement: the inner SELECT skips rows another replica has locked (Postgres), the
+    UPDATE pushes ``due_at`` forward so nobody else picks them up until ``hold`` passes.
+    SQLite serializes writers, so the same statement is safe there without SKIP LOCKED.
+    """
+    due = (
+        select(Video.id)
+        .where(Video.status == status, Video.due_at <= now)
+        .order_by(Video.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    values: dict[str, Any] = {"due_at": now + hold, "lease_owner": owner, "updated_at": now}
+    if status == Status.downloading:
+        values["download_attempts"] = Video.download_attempts + 1
+    stmt = (
+        update(Video)
+        .where(Video.id.in_(due), Video.status == status, Video.due_at <= now)
+        .values(**values)
+        .returning(Video)
+    )
+    result = await session.execute(stmt, execution_options={"synchronize_session": False})
+    return list(result.scalars().all())
+
+
+# --- download ----------------------------------------------------------------------------
+
+
+async def claim_download(
+    session: AsyncSession, *, video_id: uuid.UUID, owner: str, now: datetime, lease: timedelta
+) -> Video | None:
+    """Take the download lease of one video if it is free (never taken, or expired)."""
+    return await _update_returning(
+        session,
+        and_(Video.id == video_id, Video.status == Status.downloading, Video.due_at <= now),
+        due_at=now + lease,
+        lease_owner=owner,
+        download_attempts=Video.download_attempts + 1,
+        updated_at=now,
+    )
+
+
+def _holds_lease(video_id: uuid.UUID, owner: str) -> Any:
+    return and_(
+        Video.id == video_id, Video.status == Status.downloading, Video.lease_owner == owner
+    )
+
+
+async def renew_lease(
+    session: AsyncSession, *, video_id: uuid.UUID, owner: str, now: datetime, lease: timedelta
+) -> bool:
+    row = await _update_returning(
+        session, _holds_lease(video_id, owner), due_at=now + lease, updated_at=now
+    )
+    return row is not None
+
+
+async def mark_ready(
+    session: AsyncSession,
+    *,
+    video_id: uuid.UUID,
+    owner: str,
+    size_bytes: int,
+    sha256: str,
+    storage_key: str,
+    now: datetime,
+) -> Video | None:
+    return await _update_returning(
+        session,
+        _holds_lease(video_id, owner),
+        status=Status.ready,
+        size_bytes=size_bytes,
+        sha256=sha256,
+        storage_key=storage_key,
+        ready_at=now,
+        lease_owner=None,
+        last_error=None,
+        updated_at=now,
+    )
+
+
+async def release_download(
+    session: AsyncSession,
+    *,
+    video_id: uuid.UUID,
+    owner: str,
+    retry_at: datetime,
+    error: str | None,
+    now: datetime,
+) -> bool:
+    """Give the lease back: a transient failure, or a shutdown. Anyone may retry at ``retry_at``."""
+    row = await _update_returning(
+        session,
+        _holds_lease(video_id, owner),
+        due_at=retry_at,
+        lease_owner=None,
+        last_error=error,
+        updated_at=now,
+    )
+    return row is not None
+
+
+async def fail_download(
+    session: AsyncSession,
+    *,
+    video_id: uuid.UUID,
+    owner: str | None,
+    code: str,
+    message: str,
+    now: datetime,
+) -> Video | None:
+    where = (
+        _holds_lease(video_id, owner)
+        if owner is not None
+        else and_(Video.id == video_id, Video.status == Status.downloading)
+    )
+    return await _update_returning(
+        session,
+        where,
+        status=Status.failed,
+        error_code=code,
+        error_message=message,
+        lease_owner=None,
+        updated_at=now,
+    )

@@ -1,0 +1,97 @@
+"""The FastAPI application: ``create_app(settings)`` wires routes, errors and the lifespan.
+
+The lifespan owns everything with a lifetime: the database engine, the HTTP clients, the
+download runner and the reconciler loop. Shutdown stops new work, asks running downloads to
+give their leases back, and waits at most ``SHUTDOWN_GRACE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import health, videos, webhooks
+from app.config import Settings
+from app.context import build_context
+from app.db import create_engine, create_sessionmaker, utc_now
+from app.errors import register_exception_handlers
+from app.logging import configure_logging
+from app.migrate import head_revision
+
+__all__ = ["create_app", "create_app_from_env"]
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+videorelay turns still images into short videos with hiapi's `happyhorse-1.1/image-to-video`
+model and keeps every finished clip in its own storage.
+
+Submit with `POST /v1/videos`, then read `GET /v1/videos/{id}` until `status` is `ready`
+(or `failed`), and play `content_url`. Every error is `{"error": {"code", "message"}}`.
+"""
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+    simulator: FastAPI | None = None,
+    run_reconciler: bool = True,
+) -> FastAPI:
+    """Build the service. ``simulator``, if given, is mounted at ``/simulator`` (``--simulate``)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            if simulator is not None:
+                await stack.enter_async_context(simulator.router.lifespan_context(simulator))
+            engine = create_engine(settings.DATABASE_URL)
+            ctx = build_context(
+                settings,
+                engine=engine,
+                sessionmaker=create_sessionmaker(engine),
+                clock=clock,
+                head_revision=await asyncio.to_thread(head_revision, settings.DATABASE_URL),
+            )
+            stack.push_async_callback(ctx.aclose)
+            await asyncio.to_thread(ctx.storage.ensure_dirs)
+            app.state.ctx = ctx
+            if run_reconciler:
+                ctx.background.append(asyncio.create_task(ctx.reconciler.run(ctx.stop)))
+            log.info("service.started public_base=%s", settings.public_base)
+            try:
+                yield
+            finally:
+                ctx.shutting_down = True
+                await ctx.runner.shutdown(settings.SHUTDOWN_GRACE_SECONDS)
+                for task in ctx.background:
+                    task.cancel()
+                await asyncio.gather(*ctx.background, return_exceptions=True)
+                log.info("service.stopped")
+
+    app = FastAPI(
+        title="videorelay",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    register_exception_handlers(app)
+    app.include_router(videos.router)
+    app.include_router(webhooks.router)
+    app.include_router(health.router)
+    if simulator is not None:
+        app.mount("/simulator", simulator)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (used by ``videorelay serve --workers N``)."""
+    settings = Settings()
+    configure_logging(settings.LOG_LEVEL)
+    return create_app(settings)

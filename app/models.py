@@ -1,0 +1,105 @@
+"""The ``videos`` table: one row per requested clip, from submit to stored file."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from app.db import UTCDateTime
+
+__all__ = ["Base", "Status", "Video"]
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "%(table_name)s_%(column_0_name)s_key",
+    "ck": "%(table_name)s_%(constraint_name)s_check",
+    "fk": "%(table_name)s_%(column_0_name)s_fkey",
+    "pk": "%(table_name)s_pkey",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Status(StrEnum):
+    """A video's state. ``ready`` and ``failed`` are terminal."""
+
+    queued = "queued"  # stored; the hiapi task is not created yet (or must be created again)
+    processing = "processing"  # hiapi has the task; waiting for its callback (or a poll)
+    downloading = "downloading"  # hiapi finished; the clip is being copied into storage
+    ready = "ready"
+    failed = "failed"
+
+
+TERMINAL = (Status.ready, Status.failed)
+
+
+class Via(StrEnum):
+    """How we learned that hiapi finished a task."""
+
+    callback = "callback"
+    poll = "poll"
+
+
+class Video(Base):
+    __tablename__ = "videos"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued', 'processing', 'downloading', 'ready', 'failed')",
+            name="status",
+        ),
+        # The reconciler's only query shape: rows of one status whose due_at has passed.
+        Index("ix_videos_status_due_at", "status", "due_at"),
+        Index("ix_videos_created_at_id", "created_at", "id"),
+        Index("ix_videos_status_created_at_id", "status", "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    image_url: Mapped[str] = mapped_column(Text)
+    prompt: Mapped[str | None] = mapped_column(Text)
+    resolution: Mapped[str] = mapped_column(String(8))
+    duration: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+
+    task_id: Mapped[str | None] = mapped_column(String(200), unique=True)
+    error_code: Mapped[str | None] = mapped_column(String(100))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+    # When someone may next act on the row: the next submit try (queued), the next poll
+    # (processing), the end of the download lease or the next download try (downloading).
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    submit_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    ambiguous_submits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    poll_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    download_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    output_url: Mapped[str | None] = mapped_column(Text)
+    output_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_via: Mapped[str | None] = mapped_column(String(16))
+
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    storage_key: Mapped[str | None] = mapped_column(String(255))
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    task_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

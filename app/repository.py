@@ -1,0 +1,49 @@
+"""Read queries for the API (state changes live in ``lifecycle``)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from datetime import datetime
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.models import Video
+
+__all__ = ["BadCursor", "decode_cursor", "encode_cursor", "list_videos"]
+
+
+class BadCursor(ValueError):
+    pass
+
+
+def encode_cursor(video: Video) -> str:
+    raw = json.dumps([video.created_at.isoformat(), str(video.id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, vid = json.loads(raw)
+        return datetime.fromisoformat(created), uuid.UUID(vid)
+    except (ValueError, TypeError) as exc:
+        raise BadCursor("cursor: not a cursor returned by this API") from exc
+
+
+async def list_videos(
+    session: AsyncSession, *, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[Video], str | None]:
+    """Newest first; keyset pagination on ``(created_at, id)`` so pages stay stable and cheap."""
+    stmt = select(Video).order_by(Video.created_at.desc(), Video.id.desc()).limit(limit + 1)
+    if status is not None:
+        stmt = stmt.where(Video.status == status)
+    if cursor is not None:
+        created, vid = decode_cursor(cursor)
+        stmt = stmt.where(tuple_(Video.created_at, Video.id) < tuple_(created, vid))
+    rows = list((await session.execute(stmt)).scalars().all())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (encode_cursor(rows[-1]) if more and rows else None)

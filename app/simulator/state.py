@@ -1,0 +1,181 @@
+"""The simulator's in-memory world: tasks, rendered files, counters and the random source.
+
+``SimulatorState`` is created once per app and lives on ``app.state.simulator``. It owns no
+I/O: the HTTP handlers and the background jobs read and change it. Every random decision
+goes through ``state.roll`` so a ``seed`` makes a run reproducible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from app.hiapi.schemas import MODEL, TaskStatus
+from app.simulator.config import SimulatorConfig
+
+__all__ = ["SimFile", "SimStats", "SimTask", "SimulatorState", "TaskFate"]
+
+SWEEP_THRESHOLD = 256
+"""Expired clips are only swept once this many files have been published."""
+
+
+@dataclass
+class SimStats:
+    """Counters exposed by ``GET /_sim/stats``."""
+
+    create_requests: int = 0
+    tasks_created: int = 0
+    create_rejected: int = 0
+    create_5xx: int = 0
+    create_timeouts: int = 0
+    polls: int = 0
+    poll_5xx: int = 0
+    callbacks_sent: int = 0
+    callback_failures: int = 0
+    callbacks_delivered: int = 0
+    callbacks_dropped: int = 0
+    file_requests: int = 0
+
+
+@dataclass(frozen=True)
+class TaskFate:
+    """What will happen to a task, rolled once when it is created."""
+
+    fail: bool = False
+    drop_callback: bool = False
+    callback_copies: int = 1
+
+
+@dataclass
+class SimTask:
+    """One task as hiapi tracks it, plus what the simulator needs to finish it."""
+
+    task_id: str
+    image_url: str
+    resolution: str
+    duration: int
+    callback_url: str | None
+    fate: TaskFate
+    status: TaskStatus = TaskStatus.handling
+    output: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, str] | None = None
+    created_at: float = field(default_factory=time.time)
+    finish_now: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    forced_outcome: TaskStatus | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The task object returned by ``GET /v1/tasks/{id}`` and POSTed to callbacks."""
+        return {
+            "taskId": self.task_id,
+            "status": self.status.value,
+            "model": MODEL,
+            "output": [dict(item) for item in self.output],
+            "error": None if self.error is None else dict(self.error),
+        }
+
+
+@dataclass(frozen=True)
+class SimFile:
+    """A rendered clip served under ``/files/{token}.mp4`` until ``expires_at`` (unix time)."""
+
+    clip: bytes
+    expires_at: float
+
+
+@dataclass
+class SimulatorState:
+    """Everything the simulator remembers; one instance per app."""
+
+    config: SimulatorConfig
+    stats: SimStats = field(default_factory=SimStats)
+    tasks: dict[str, SimTask] = field(default_factory=dict)
+    files: dict[str, SimFile] = field(default_factory=dict)
+    jobs: set[asyncio.Task[None]] = field(default_factory=set)
+    http: httpx.AsyncClient | None = None
+    rng: random.Random = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.config.seed)
+
+    def reseed(self) -> None:
+        self.rng = random.Random(self.config.seed)
+
+    def roll(self, rate: float) -> bool:
+        """True with probability ``rate`` (never draws for 0 or 1, to keep seeds stable)."""
+        if rate <= 0:
+            return False
+        if rate >= 1:
+            return True
+        return self.rng.random() < rate
+
+    def roll_fate(self) -> TaskFate:
+        cfg = self.config
+        fail = self.roll(cfg.fail_rate)
+        drop = self.roll(cfg.callback_drop_rate)
+        copies = self.rng.choice((2, 3)) if self.roll(cfg.duplicate_rate) else 1
+        return TaskFate(fail=fail, drop_callback=drop, callback_copies=copies)
+
+    def new_task(self, body: dict[str, Any]) -> SimTask:
+        """Record a task for a validated create body."""
+        inp = body["input"]
+        callback = body.get("callback")
+        task = SimTask(
+            task_id=f"tk-sim-{uuid.uuid4().hex}",
+            image_url=inp["image_urls"][0],
+            resolution=inp.get("resolution", "1080p"),
+            duration=inp.get("duration", 5),
+            callback_url=callback["url"] if callback else None,
+            fate=self.roll_fate(),
+        )
+        self.tasks[task.task_id] = task
+        self.stats.tasks_created += 1
+        return task
+
+    def add_file(self, clip: bytes) -> tuple[str, int]:
+        """Publish ``clip``; return its URL and integer ``expireAt``."""
+        token = uuid.uuid4().hex
+        now = time.time()
+        self._forget_expired_clips(now)
+        expires_at = now + self.config.url_ttl_seconds
+        self.files[token] = SimFile(clip=clip, expires_at=expires_at)
+        base = self.config.public_base_url.rstrip("/")
+        return f"{base}/files/{token}.mp4", int(expires_at)
+
+    def _forget_expired_clips(self, now: float) -> None:
+        """Drop the bytes of expired files but keep their tokens, so they still 404 as expired."""
+        if len(self.files) < SWEEP_THRESHOLD:
+            return
+        for token, item in self.files.items():
+            if item.clip and item.expires_at <= now:
+                self.files[token] = SimFile(clip=b"", expires_at=item.expires_at)
+
+    def http_client(self) -> httpx.AsyncClient:
+        """The outbound client; created lazily if the lifespan did not run (mounted app)."""
+        if self.http is None:
+            self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0))
+        return self.http
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` in the background, tracked so shutdown can cancel it."""
+        job: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self.jobs.add(job)
+        job.add_done_callback(self.jobs.discard)
+        return job
+
+    async def shutdown(self) -> None:
+        """Cancel background jobs and close the outbound client."""
+        jobs = list(self.jobs)
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
