@@ -31,7 +31,7 @@ from app.models import Status, Via, Video
 
 __all__ = [
     "ApplyOutcome",
-    "IdempotencyConflict",
+    "Created",
     "NewVideo",
     "apply_task",
     "claim_download",
@@ -58,12 +58,10 @@ class NewVideo:
     duration: int
 
 
-class IdempotencyConflict(Exception):
-    """The Idempotency-Key was already used for a request with different parameters."""
-
-    def __init__(self, video: Video) -> None:
-        super().__init__("idempotency key reused with different parameters")
-        self.video = video
+class Created(StrEnum):
+    created = "created"
+    replayed = "replayed"  # same Idempotency-Key, same parameters: the earlier video
+    conflict = "conflict"  # same Idempotency-Key, different parameters: nothing created
 
 
 class ApplyOutcome(StrEnum):
@@ -82,11 +80,11 @@ async def create_video(
     idempotency_key: str | None,
     now: datetime,
     submit_hold: timedelta,
-) -> tuple[Video, bool]:
+) -> tuple[Video, Created]:
     """Insert a queued video; with an idempotency key, return the earlier video instead.
 
     ``due_at`` is pushed ``submit_hold`` into the future so the reconciler leaves the first
-    submit attempt to the request that created the row. Returns ``(video, created)``.
+    submit attempt to the request that created the row.
     """
     values: dict[str, Any] = {
         "id": uuid.uuid4(),
@@ -108,7 +106,7 @@ async def create_video(
         video = Video(**values)
         session.add(video)
         await session.flush()
-        return video, True
+        return video, Created.created
     # One atomic statement closes the race of two identical requests arriving together:
     # exactly one insert wins; the other reads the winner's row.
     insert = _insert_for(session)
@@ -123,16 +121,14 @@ async def create_video(
         await session.execute(select(Video).where(Video.idempotency_key == idempotency_key))
     ).scalar_one()
     if inserted is not None:
-        return existing, True
+        return existing, Created.created
     same = (existing.image_url, existing.prompt, existing.resolution, existing.duration) == (
         params.image_url,
         params.prompt,
         params.resolution,
         params.duration,
     )
-    if not same:
-        raise IdempotencyConflict(existing)
-    return existing, False
+    return existing, (Created.replayed if same else Created.conflict)
 
 
 def _insert_for(session: AsyncSession) -> Any:
@@ -214,7 +210,7 @@ async def record_submit_retry(
     After an ambiguous failure (timeout), the task may exist upstream; the caller picks a
     ``retry_at`` late enough for that task's callback to arrive and be adopted first.
     """
-    return await _update_returning(
+    queued = await _update_returning(
         session,
         _submittable(video_id),
         due_at=retry_at,
@@ -224,6 +220,14 @@ async def record_submit_retry(
         last_error=error,
         updated_at=now,
     )
+    if queued is None and ambiguous:
+        # A callback adopted the task meanwhile; still count the ambiguity for operators.
+        await session.execute(
+            update(Video)
+            .where(Video.id == video_id)
+            .values(ambiguous_submits=Video.ambiguous_submits + 1)
+        )
+    return queued
 
 
 # --- the task's result (webhook and reconciler alike) ------------------------------------

@@ -92,23 +92,22 @@ async def create_video(
         resolution=body.resolution,
         duration=body.duration,
     )
-    try:
-        async with session.begin():
-            video, created = await lifecycle.create_video(
-                session,
-                params=params,
-                idempotency_key=idempotency_key,
-                now=ctx.clock(),
-                submit_hold=ctx.lease,
-            )
-    except lifecycle.IdempotencyConflict as exc:
+    async with session.begin():
+        video, created = await lifecycle.create_video(
+            session,
+            params=params,
+            idempotency_key=idempotency_key,
+            now=ctx.clock(),
+            submit_hold=ctx.lease,
+        )
+    if created == lifecycle.Created.conflict:
         raise Conflict(
             "Idempotency-Key was already used with different parameters; use a new key "
             "for a new video",
             code="idempotency_conflict",
-            extra={"video": to_out(ctx, exc.video)},
-        ) from None
-    if not created:
+            extra={"video": to_out(ctx, video)},
+        )
+    if created == lifecycle.Created.replayed:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
         return to_out(ctx, video)

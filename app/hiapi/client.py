@@ -48,7 +48,8 @@ class HiapiClient:
         data = await self._request("POST", "/v1/tasks", json=body)
         task_id = data.get("taskId") if isinstance(data, dict) else None
         if not isinstance(task_id, str) or not task_id:
-            raise HiapiUnavailable("hiapi answered without a taskId", status_code=200)
+            # A 2xx may mean the task exists even though we can't read its id: ambiguous.
+            raise HiapiTimeout("hiapi accepted the request but returned no taskId")
         return task_id
 
     async def get_task(self, task_id: str) -> Task:
@@ -72,9 +73,8 @@ class HiapiClient:
         try:
             body = response.json()
         except ValueError:
-            raise HiapiUnavailable(
-                f"hiapi answered {status} with a non-JSON body", status_code=status
-            ) from None
+            error = HiapiTimeout if status < 300 else HiapiUnavailable
+            raise error(f"hiapi answered {status} with a non-JSON body", status_code=status) from None
         if status >= 400:
             code, message = _error_fields(body, status)
             raise HiapiRejected(code, message, status_code=status)

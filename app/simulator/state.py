@@ -100,13 +100,23 @@ class SimulatorState:
     files: dict[str, SimFile] = field(default_factory=dict)
     jobs: set[asyncio.Task[None]] = field(default_factory=set)
     http: httpx.AsyncClient | None = None
-    rng: random.Random = field(init=False)
+    _rng: random.Random = field(init=False, repr=False)
+    _rng_seed: int | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.rng = random.Random(self.config.seed)
+        self.reseed()
 
     def reseed(self) -> None:
-        self.rng = random.Random(self.config.seed)
+        """Restart the random sequence from ``config.seed``."""
+        self._rng_seed = self.config.seed
+        self._rng = random.Random(self._rng_seed)
+
+    @property
+    def rng(self) -> random.Random:
+        """The random source; reseeded automatically when ``config.seed`` is changed."""
+        if self.config.seed != self._rng_seed:
+            self.reseed()
+        return self._rng
 
     def roll(self, rate: float) -> bool:
         """True with probability ``rate`` (never draws for 0 or 1, to keep seeds stable)."""

@@ -1,0 +1,275 @@
+"""Fixtures: real databases (SQLite and Postgres), real servers on 127.0.0.1, the simulator.
+
+Every test that touches a database runs once per database. Postgres tests get a database of
+their own for the session (created from the trusted local server, dropped at the end) and a
+TRUNCATE between tests; SQLite tests get a fresh copy of a migrated template file.
+Under ``CI=true`` a missing Postgres is an error; locally those tests are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.main import create_app
+from app.migrate import upgrade
+from app.simulator import SimulatorConfig, create_simulator_app
+
+PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_HOST = os.environ.get("TEST_PG_HOST", "postgres@127.0.0.1:5432")
+T = TypeVar("T")
+WEBHOOK_SECRET = "test-webhook-secret-0123456789abcdef"
+HIAPI_KEY = "sk-test-key-0123456789"
+
+
+# --- databases ---------------------------------------------------------------------------
+
+
+async def _pg_reachable() -> bool:
+    try:
+        conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+def in_thread(fn: Callable[[], T]) -> T:
+    """Run blocking setup (which may call asyncio.run) outside any running event loop."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A database of this test session's own on the local Postgres, migrated to head."""
+    if not in_thread(lambda: asyncio.run(_pg_reachable())):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Postgres is required under CI=true but {PG_ADMIN_DSN} is unreachable")
+        pytest.skip(f"Postgres not reachable at {PG_ADMIN_DSN}; skipping Postgres runs")
+    name = f"videorelay_test_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    in_thread(lambda: asyncio.run(admin(f'CREATE DATABASE "{name}"')))
+    url = f"postgresql+asyncpg://{PG_HOST}/{name}"
+    in_thread(lambda: upgrade(url))
+    yield url
+    in_thread(lambda: asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    in_thread(lambda: upgrade(f"sqlite+aiosqlite:///{path}"))
+    return path
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path
+) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        target = tmp_path / "videorelay.db"
+        shutil.copy(sqlite_template, target)
+        yield f"sqlite+aiosqlite:///{target}"
+        return
+    url: str = request.getfixturevalue("postgres_database")
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("TRUNCATE videos")
+    finally:
+        await conn.close()
+    yield url
+
+
+# --- servers -----------------------------------------------------------------------------
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class RunningServer:
+    """A uvicorn server on a pre-bound socket, inside the test's event loop."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        for _ in range(500):
+            if self.server.started:
+                return
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+        raise RuntimeError("server did not start")
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            await self._task
+
+
+@dataclass
+class Sim:
+    config: SimulatorConfig
+    server: RunningServer
+    client: httpx.AsyncClient
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    async def stats(self) -> dict[str, int]:
+        response = await self.client.get("/_sim/stats")
+        data: dict[str, int] = response.json()
+        return data
+
+    def set(self, **knobs: Any) -> None:
+        for key, value in knobs.items():
+            setattr(self.config, key, value)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Sim]:
+    """The hiapi simulator on a real port; fast and fault-free unless a test turns knobs."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    config = SimulatorConfig(
+        public_base_url=f"http://127.0.0.1:{port}",
+        latency_seconds=0.05,
+        fetch_images=False,
+        callback_envelope="random",
+        seed=1234,
+    )
+    server = RunningServer(create_simulator_app(config), sock)
+    await server.start()
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        yield Sim(config=config, server=server, client=client)
+    await server.stop()
+
+
+def make_settings(database_url: str, storage: Path, sim_url: str, public_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "DATABASE_URL": database_url,
+        "STORAGE_DIR": storage,
+        "HIAPI_KEY": HIAPI_KEY,
+        "HIAPI_BASE_URL": sim_url,
+        "HIAPI_TIMEOUT_SECONDS": 5.0,
+        "PUBLIC_BASE_URL": public_url,
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "DOWNLOAD_ALLOWED_HOSTS": f"*.hiapi.ai,{sim_url}",
+        "RECONCILE_AFTER_SECONDS": 600.0,
+        "RECONCILE_INTERVAL_SECONDS": 0.1,
+        "RETRY_BASE_SECONDS": 0.05,
+        "RETRY_MAX_SECONDS": 0.5,
+        "DOWNLOAD_LEASE_SECONDS": 10.0,
+        "SHUTDOWN_GRACE_SECONDS": 2.0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@dataclass
+class Service:
+    settings: Settings
+    server: RunningServer
+    client: httpx.AsyncClient
+    app: FastAPI
+
+    @property
+    def ctx(self) -> Any:
+        return self.app.state.ctx
+
+    async def submit(self, **body: Any) -> dict[str, Any]:
+        payload = {"image_url": "https://example.invalid/still.jpg", "duration": 3, **body}
+        response = await self.client.post("/v1/videos", json=payload)
+        assert response.status_code == 202, response.text
+        data: dict[str, Any] = response.json()
+        return data
+
+    async def get(self, video_id: str) -> dict[str, Any]:
+        response = await self.client.get(f"/v1/videos/{video_id}")
+        assert response.status_code == 200, response.text
+        data: dict[str, Any] = response.json()
+        return data
+
+    async def wait_for(self, video_id: str, *statuses: str, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        video = await self.get(video_id)
+        while video["status"] not in statuses:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"video stuck in {video['status']}, wanted {statuses}: {video}")
+            await asyncio.sleep(0.05)
+            video = await self.get(video_id)
+        return video
+
+
+class ServiceFactory:
+    def __init__(self, database_url: str, storage: Path, sim: Sim) -> None:
+        self.database_url = database_url
+        self.storage = storage
+        self.sim = sim
+        self.running: list[Service] = []
+
+    async def start(self, **overrides: Any) -> Service:
+        sock = free_socket()
+        public = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        settings = make_settings(self.database_url, self.storage, self.sim.url, public, **overrides)
+        app = create_app(settings)
+        server = RunningServer(app, sock)
+        await server.start()
+        client = httpx.AsyncClient(base_url=server.url, timeout=10)
+        service = Service(settings=settings, server=server, client=client, app=app)
+        self.running.append(service)
+        return service
+
+    async def stop(self, service: Service) -> None:
+        await service.client.aclose()
+        await service.server.stop()
+        self.running.remove(service)
+
+
+@pytest.fixture
+async def services(database_url: str, tmp_path: Path, sim: Sim) -> AsyncIterator[ServiceFactory]:
+    factory = ServiceFactory(database_url, tmp_path / "videos", sim)
+    yield factory
+    for service in list(factory.running):
+        await factory.stop(service)
+
+
+@pytest.fixture
+async def service(services: ServiceFactory) -> Service:
+    """videorelay on a real port, talking to the simulator over real HTTP."""
+    return await services.start()

@@ -1,0 +1,338 @@
+"""End to end: videorelay and the simulator over real HTTP, on SQLite and Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from app.models import Video
+from app.security import webhook_token
+from tests.conftest import WEBHOOK_SECRET, Service, ServiceFactory, Sim
+
+
+def stored_path(service: Service, video_id: str):
+    return service.ctx.storage.path(service.ctx.storage.key_for(uuid.UUID(video_id)))
+
+
+async def db_video(service: Service, video_id: str) -> Video:
+    async with service.ctx.sessionmaker() as session:
+        return (await session.execute(select(Video).where(Video.id == uuid.UUID(video_id)))).scalar_one()
+
+
+def callback_path(video_id: str) -> str:
+    token = webhook_token(WEBHOOK_SECRET.encode(), uuid.UUID(video_id))
+    return f"/webhooks/hiapi/{video_id}/{token}"
+
+
+class TestHappyPath:
+    async def test_submit_to_stored_mp4_with_matching_sha256_and_range(self, service: Service, sim: Sim):
+        video = await service.submit(prompt="slow zoom", resolution="720p", duration=4)
+        assert video["status"] in ("processing", "downloading", "ready")
+        assert video["task_id"].startswith("tk-sim-")
+        assert video["resolution"] == "720p" and video["duration"] == 4
+
+        done = await service.wait_for(video["id"], "ready")
+        assert done["content_url"] == f"{service.settings.public_base}/v1/videos/{video['id']}/content"
+        assert done["error"] is None
+
+        # The stored file is byte-for-byte the clip hiapi served.
+        task = (await sim.client.get(f"/v1/tasks/{video['task_id']}",
+                                     headers={"Authorization": "Bearer sk-x"})).json()["data"]
+        original = (await sim.client.get(task["output"][0]["url"])).content
+        assert hashlib.sha256(original).hexdigest() == done["sha256"]
+        assert len(original) == done["size_bytes"]
+
+        content = await service.client.get(f"/v1/videos/{video['id']}/content")
+        assert content.status_code == 200
+        assert content.headers["content-type"] == "video/mp4"
+        assert hashlib.sha256(content.content).hexdigest() == done["sha256"]
+        assert content.headers.get("accept-ranges") == "bytes"
+
+        part = await service.client.get(
+            f"/v1/videos/{video['id']}/content", headers={"Range": "bytes=100-199"}
+        )
+        assert part.status_code == 206
+        assert part.content == original[100:200]
+        assert part.headers["content-range"] == f"bytes 100-199/{len(original)}"
+
+        beyond = await service.client.get(
+            f"/v1/videos/{video['id']}/content", headers={"Range": f"bytes={len(original) + 10}-"}
+        )
+        assert beyond.status_code == 416
+
+        row = await db_video(service, video["id"])
+        assert row.completed_via == "callback"
+        assert (await sim.stats())["tasks_created"] == 1
+
+    async def test_content_of_unfinished_video_is_409(self, service: Service, sim: Sim):
+        sim.set(latency_seconds=5)
+        video = await service.submit()
+        response = await service.client.get(f"/v1/videos/{video['id']}/content")
+        assert response.status_code == 409
+        assert response.json()["error"]["code"] == "not_ready"
+
+    async def test_unknown_video_is_404_with_json(self, service: Service):
+        response = await service.client.get(f"/v1/videos/{uuid.uuid4()}")
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"
+        bad = await service.client.get("/v1/videos/not-a-uuid")
+        assert bad.status_code == 422
+        assert bad.json()["error"]["field"] == "video_id"
+
+
+class TestIdempotency:
+    async def test_same_key_returns_same_video_and_creates_one_task(self, service: Service, sim: Sim):
+        body = {"image_url": "https://example.invalid/a.jpg", "duration": 3}
+        headers = {"Idempotency-Key": "order-42"}
+        first = await service.client.post("/v1/videos", json=body, headers=headers)
+        second = await service.client.post("/v1/videos", json=body, headers=headers)
+        assert first.status_code == 202
+        assert second.status_code == 200
+        assert second.headers["idempotent-replayed"] == "true"
+        assert first.json()["id"] == second.json()["id"]
+        assert (await sim.stats())["tasks_created"] == 1
+
+    async def test_concurrent_same_key_creates_one_video(self, service: Service, sim: Sim):
+        body = {"image_url": "https://example.invalid/a.jpg", "duration": 3}
+        responses = await asyncio.gather(*(
+            service.client.post("/v1/videos", json=body, headers={"Idempotency-Key": "k-1"})
+            for _ in range(8)
+        ))
+        assert sorted(r.status_code for r in responses) == [200] * 7 + [202]
+        assert len({r.json()["id"] for r in responses}) == 1
+        assert (await sim.stats())["tasks_created"] == 1
+
+    async def test_same_key_different_body_is_409_and_changes_nothing(self, service: Service, sim: Sim):
+        headers = {"Idempotency-Key": "k-2"}
+        await service.client.post("/v1/videos", json={"image_url": "https://example.invalid/a.jpg"}, headers=headers)
+        other = await service.client.post(
+            "/v1/videos", json={"image_url": "https://example.invalid/b.jpg"}, headers=headers
+        )
+        assert other.status_code == 409
+        assert other.json()["error"]["code"] == "idempotency_conflict"
+        listing = (await service.client.get("/v1/videos")).json()
+        assert len(listing["items"]) == 1
+        assert (await sim.stats())["tasks_created"] == 1
+
+
+class TestUpstreamErrors:
+    async def test_rejected_key_fails_video_with_hiapi_code_and_502(self, services: ServiceFactory, sim: Sim):
+        sim.set(api_key="sk-the-right-key")
+        service = await services.start()
+        response = await service.client.post("/v1/videos", json={"image_url": "https://example.invalid/a.jpg"})
+        assert response.status_code == 502
+        body = response.json()
+        assert body["error"]["code"] == "upstream_rejected"
+        assert "permission_denied" in body["error"]["message"]
+        assert body["video"]["status"] == "failed"
+        assert body["video"]["error"]["code"] == "permission_denied"
+        assert "cannot use the selected model" in body["video"]["error"]["message"]
+        # Never retried: the reconciler leaves failed videos alone.
+        await asyncio.sleep(0.5)
+        assert (await sim.stats())["create_requests"] == 1
+        assert "sk-test-key" not in response.text
+
+    async def test_5xx_on_create_stays_queued_then_goes_out_once(self, service: Service, sim: Sim):
+        sim.set(error_5xx_rate=1.0)
+        video = await service.submit()
+        assert video["status"] == "queued"
+        assert video["task_id"] is None
+        await asyncio.sleep(0.4)
+        assert (await service.get(video["id"]))["status"] == "queued"
+        assert (await sim.stats())["create_5xx"] >= 2  # retried with backoff
+        sim.set(error_5xx_rate=0.0)
+        done = await service.wait_for(video["id"], "ready")
+        assert done["task_id"] is not None
+        assert (await sim.stats())["tasks_created"] == 1
+
+    async def test_unreachable_hiapi_stays_queued(self, services: ServiceFactory, sim: Sim):
+        service = await services.start(HIAPI_BASE_URL="http://127.0.0.1:9")  # nothing listens
+        video = await service.submit()
+        assert video["status"] == "queued"
+        row = await db_video(service, video["id"])
+        assert row.submit_attempts >= 1 and "unreachable" in (row.last_error or "")
+
+    async def test_ambiguous_timeout_adopts_the_late_callback_without_a_second_task(
+        self, services: ServiceFactory, sim: Sim
+    ):
+        # The task is created but its create response comes too late: the callback arrives
+        # before videorelay knows the taskId, and must be adopted, not lost or paid twice.
+        sim.set(create_timeout_rate=1.0, timeout_delay_seconds=3.0, latency_seconds=0.2)
+        service = await services.start(HIAPI_TIMEOUT_SECONDS=1.0, RECONCILE_AFTER_SECONDS=30)
+        video = await service.submit()
+        # The callback came while the create call was still waiting: already adopted.
+        assert video["task_id"] is not None
+        done = await service.wait_for(video["id"], "ready", timeout=15)
+        assert done["task_id"].startswith("tk-sim-")
+        assert (await sim.stats())["tasks_created"] == 1
+        row = await db_video(service, video["id"])
+        assert row.ambiguous_submits == 1
+
+    async def test_failed_task_callback_marks_failed_with_hiapi_error(self, service: Service, sim: Sim):
+        sim.set(fail_rate=1.0)
+        video = await service.submit()
+        done = await service.wait_for(video["id"], "failed")
+        assert done["error"]["code"] == "generation_failed"
+        assert done["error"]["message"]
+        assert done["content_url"] is None
+
+
+class TestWebhook:
+    async def test_bad_token_is_404_and_changes_nothing(self, service: Service, sim: Sim):
+        sim.set(callback_drop_rate=1.0)
+        video = await service.submit()
+        before = await service.get(video["id"])
+        task = {"taskId": video["task_id"], "status": "fail", "error": {"code": "x", "message": "y"}}
+        for path in (
+            f"/webhooks/hiapi/{video['id']}/{'0' * 40}",
+            f"/webhooks/hiapi/{uuid.uuid4()}/{'0' * 40}",
+            "/webhooks/hiapi/not-a-uuid/abc",
+        ):
+            response = await service.client.post(path, json=task)
+            assert response.status_code == 404
+            assert response.json()["error"]["code"] == "not_found"
+        assert await service.get(video["id"]) == before
+
+    @pytest.mark.parametrize("body", [b"not json", b"[]", b'{"taskId": "x"}', b'{"code": 200, "data": 5}'])
+    async def test_malformed_callback_is_400_and_changes_nothing(self, service: Service, sim: Sim, body: bytes):
+        sim.set(callback_drop_rate=1.0)
+        video = await service.submit()
+        response = await service.client.post(
+            callback_path(video["id"]), content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "bad_callback"
+        assert (await service.get(video["id"]))["status"] == "processing"
+
+    async def test_callback_for_another_task_is_409(self, service: Service, sim: Sim):
+        sim.set(callback_drop_rate=1.0)
+        video = await service.submit()
+        task = {"taskId": "tk-someone-else", "status": "fail", "error": {"code": "x", "message": "y"}}
+        response = await service.client.post(callback_path(video["id"]), json=task)
+        assert response.status_code == 409
+        assert (await service.get(video["id"]))["status"] == "processing"
+
+    async def test_oversized_callback_is_413(self, service: Service, sim: Sim):
+        sim.set(callback_drop_rate=1.0)
+        video = await service.submit()
+        response = await service.client.post(callback_path(video["id"]), content=b"x" * 300_000)
+        assert response.status_code == 413
+
+    async def test_duplicate_callbacks_from_hiapi_give_one_download(self, service: Service, sim: Sim):
+        sim.set(duplicate_rate=1.0)
+        videos = [await service.submit() for _ in range(3)]
+        for video in videos:
+            await service.wait_for(video["id"], "ready")
+        await asyncio.sleep(0.3)  # let late copies land
+        stats = await sim.stats()
+        assert stats["callbacks_sent"] >= 6
+        assert stats["file_requests"] == 3
+
+    async def test_concurrent_identical_callbacks_start_exactly_one_download(self, service: Service, sim: Sim):
+        sim.set(callback_drop_rate=1.0)
+        video = await service.submit()
+        await sim.client.post(f"/_sim/tasks/{video['task_id']}/complete")
+        task = (await sim.client.get(f"/v1/tasks/{video['task_id']}",
+                                     headers={"Authorization": "Bearer sk-x"})).json()
+        bodies = [task, task["data"]] * 6  # wrapped and bare copies
+        responses = await asyncio.gather(*(
+            service.client.post(callback_path(video["id"]), json=b) for b in bodies
+        ))
+        assert all(r.status_code == 200 for r in responses)
+        outcomes = [r.json()["outcome"] for r in responses]
+        assert outcomes.count("download_claimed") == 1
+        assert outcomes.count("duplicate") == len(bodies) - 1
+        await service.wait_for(video["id"], "ready")
+        assert (await sim.stats())["file_requests"] == 1
+
+    async def test_tokens_never_appear_in_logs(self, service: Service, sim: Sim, caplog: pytest.LogCaptureFixture):
+        video = await service.submit()
+        await service.wait_for(video["id"], "ready")
+        token = webhook_token(WEBHOOK_SECRET.encode(), uuid.UUID(video["id"]))
+        from app.logging import redact
+
+        rendered = "\n".join(redact(r.getMessage()) for r in caplog.records)
+        assert token not in rendered
+        assert "sk-test-key" not in rendered
+
+
+class TestReconciler:
+    async def test_lost_callback_is_recovered_by_polling(self, services: ServiceFactory, sim: Sim):
+        sim.set(callback_drop_rate=1.0)
+        service = await services.start(RECONCILE_AFTER_SECONDS=0.5)
+        video = await service.submit()
+        await asyncio.sleep(0.3)
+        assert (await service.get(video["id"]))["status"] == "processing"  # not polled too early
+        assert (await sim.stats())["polls"] == 0
+        done = await service.wait_for(video["id"], "ready")
+        row = await db_video(service, video["id"])
+        assert row.completed_via == "poll"
+        assert service.ctx.reconciler.totals.recovered == 1
+        assert done["sha256"]
+
+    async def test_poll_errors_back_off_then_recover(self, services: ServiceFactory, sim: Sim):
+        sim.set(callback_drop_rate=1.0)
+        service = await services.start(RECONCILE_AFTER_SECONDS=0.2)
+        video = await service.submit()
+        sim.set(error_5xx_rate=1.0)
+        await asyncio.sleep(1.0)
+        assert (await service.get(video["id"]))["status"] == "processing"
+        assert service.ctx.reconciler.totals.poll_errors >= 1
+        sim.set(error_5xx_rate=0.0)
+        await service.wait_for(video["id"], "ready")
+
+    async def test_two_replicas_recover_each_video_once(self, services: ServiceFactory, sim: Sim):
+        sim.set(callback_drop_rate=1.0)
+        a = await services.start(RECONCILE_AFTER_SECONDS=0.3)
+        b = await services.start(RECONCILE_AFTER_SECONDS=0.3)
+        videos = [await (a if i % 2 else b).submit() for i in range(10)]
+        for video in videos:
+            await a.wait_for(video["id"], "ready")
+        assert a.ctx.reconciler.totals.recovered + b.ctx.reconciler.totals.recovered == 10
+        assert (await sim.stats())["file_requests"] == 10
+
+
+class TestDownloadFailures:
+    async def test_expired_url_fails_with_expired(self, service: Service, sim: Sim):
+        sim.set(url_ttl_seconds=0.0)
+        video = await service.submit()
+        done = await service.wait_for(video["id"], "failed")
+        assert done["error"]["code"] == "expired"
+
+    async def test_disallowed_host_is_never_downloaded(self, services: ServiceFactory, sim: Sim):
+        service = await services.start(DOWNLOAD_ALLOWED_HOSTS="*.hiapi.ai")
+        video = await service.submit()
+        done = await service.wait_for(video["id"], "failed")
+        assert done["error"]["code"] == "host_not_allowed"
+        assert (await sim.stats())["file_requests"] == 0
+
+    async def test_too_large_clip_is_refused(self, services: ServiceFactory, sim: Sim):
+        sim.set(pad_bytes=2_000_000)
+        service = await services.start(MAX_VIDEO_BYTES=1_000_000)
+        video = await service.submit()
+        done = await service.wait_for(video["id"], "failed")
+        assert done["error"]["code"] == "too_large"
+        assert not list(service.ctx.storage.partial_dir.iterdir())
+
+    async def test_transient_download_errors_are_retried(self, service: Service, sim: Sim):
+        # The first download attempt races a file that isn't served: a 404 before expireAt
+        # is retried with backoff until it succeeds.
+        sim.set(callback_drop_rate=1.0)
+        video = await service.submit()
+        await sim.client.post(f"/_sim/tasks/{video['task_id']}/complete")
+        task = (await sim.client.get(f"/v1/tasks/{video['task_id']}",
+                                     headers={"Authorization": "Bearer sk-x"})).json()["data"]
+        good_url = task["output"][0]["url"]
+        task["output"][0]["url"] = good_url.replace(".mp4", "missing.mp4")
+        await service.client.post(callback_path(video["id"]), json=task)
+        await asyncio.sleep(0.5)
+        row = await db_video(service, video["id"])
+        assert row.status == "downloading"
+        assert row.download_attempts >= 2
+        assert "404" in (row.last_error or "")
