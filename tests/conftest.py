@@ -121,7 +121,9 @@ class RunningServer:
         self.sock = sock
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+        )
         self.server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
 
@@ -180,7 +182,9 @@ async def sim() -> AsyncIterator[Sim]:
     await server.stop()
 
 
-def make_settings(database_url: str, storage: Path, sim_url: str, public_url: str, **overrides: Any) -> Settings:
+def make_settings(
+    database_url: str, storage: Path, sim_url: str, public_url: str, **overrides: Any
+) -> Settings:
     values: dict[str, Any] = {
         "DATABASE_URL": database_url,
         "STORAGE_DIR": storage,
@@ -198,7 +202,7 @@ def make_settings(database_url: str, storage: Path, sim_url: str, public_url: st
         "SHUTDOWN_GRACE_SECONDS": 2.0,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
 
 
 @dataclass
@@ -225,12 +229,16 @@ class Service:
         data: dict[str, Any] = response.json()
         return data
 
-    async def wait_for(self, video_id: str, *statuses: str, timeout: float = 20.0) -> dict[str, Any]:
+    async def wait_for(
+        self, video_id: str, *statuses: str, timeout: float = 20.0
+    ) -> dict[str, Any]:
         deadline = asyncio.get_running_loop().time() + timeout
         video = await self.get(video_id)
         while video["status"] not in statuses:
             if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"video stuck in {video['status']}, wanted {statuses}: {video}")
+                raise AssertionError(
+                    f"video stuck in {video['status']}, wanted {statuses}: {video}"
+                )
             await asyncio.sleep(0.05)
             video = await self.get(video_id)
         return video

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import uuid
 
-import httpx
 import pytest
 from sqlalchemy import select
 
@@ -22,7 +20,9 @@ def stored_path(service: Service, video_id: str):
 
 async def db_video(service: Service, video_id: str) -> Video:
     async with service.ctx.sessionmaker() as session:
-        return (await session.execute(select(Video).where(Video.id == uuid.UUID(video_id)))).scalar_one()
+        return (
+            await session.execute(select(Video).where(Video.id == uuid.UUID(video_id)))
+        ).scalar_one()
 
 
 def callback_path(video_id: str) -> str:
@@ -31,19 +31,26 @@ def callback_path(video_id: str) -> str:
 
 
 class TestHappyPath:
-    async def test_submit_to_stored_mp4_with_matching_sha256_and_range(self, service: Service, sim: Sim):
+    async def test_submit_to_stored_mp4_with_matching_sha256_and_range(
+        self, service: Service, sim: Sim
+    ):
         video = await service.submit(prompt="slow zoom", resolution="720p", duration=4)
         assert video["status"] in ("processing", "downloading", "ready")
         assert video["task_id"].startswith("tk-sim-")
         assert video["resolution"] == "720p" and video["duration"] == 4
 
         done = await service.wait_for(video["id"], "ready")
-        assert done["content_url"] == f"{service.settings.public_base}/v1/videos/{video['id']}/content"
+        assert (
+            done["content_url"] == f"{service.settings.public_base}/v1/videos/{video['id']}/content"
+        )
         assert done["error"] is None
 
         # The stored file is byte-for-byte the clip hiapi served.
-        task = (await sim.client.get(f"/v1/tasks/{video['task_id']}",
-                                     headers={"Authorization": "Bearer sk-x"})).json()["data"]
+        task = (
+            await sim.client.get(
+                f"/v1/tasks/{video['task_id']}", headers={"Authorization": "Bearer sk-x"}
+            )
+        ).json()["data"]
         original = (await sim.client.get(task["output"][0]["url"])).content
         assert hashlib.sha256(original).hexdigest() == done["sha256"]
         assert len(original) == done["size_bytes"]
@@ -87,7 +94,9 @@ class TestHappyPath:
 
 
 class TestIdempotency:
-    async def test_same_key_returns_same_video_and_creates_one_task(self, service: Service, sim: Sim):
+    async def test_same_key_returns_same_video_and_creates_one_task(
+        self, service: Service, sim: Sim
+    ):
         body = {"image_url": "https://example.invalid/a.jpg", "duration": 3}
         headers = {"Idempotency-Key": "order-42"}
         first = await service.client.post("/v1/videos", json=body, headers=headers)
@@ -100,17 +109,23 @@ class TestIdempotency:
 
     async def test_concurrent_same_key_creates_one_video(self, service: Service, sim: Sim):
         body = {"image_url": "https://example.invalid/a.jpg", "duration": 3}
-        responses = await asyncio.gather(*(
-            service.client.post("/v1/videos", json=body, headers={"Idempotency-Key": "k-1"})
-            for _ in range(8)
-        ))
+        responses = await asyncio.gather(
+            *(
+                service.client.post("/v1/videos", json=body, headers={"Idempotency-Key": "k-1"})
+                for _ in range(8)
+            )
+        )
         assert sorted(r.status_code for r in responses) == [200] * 7 + [202]
         assert len({r.json()["id"] for r in responses}) == 1
         assert (await sim.stats())["tasks_created"] == 1
 
-    async def test_same_key_different_body_is_409_and_changes_nothing(self, service: Service, sim: Sim):
+    async def test_same_key_different_body_is_409_and_changes_nothing(
+        self, service: Service, sim: Sim
+    ):
         headers = {"Idempotency-Key": "k-2"}
-        await service.client.post("/v1/videos", json={"image_url": "https://example.invalid/a.jpg"}, headers=headers)
+        await service.client.post(
+            "/v1/videos", json={"image_url": "https://example.invalid/a.jpg"}, headers=headers
+        )
         other = await service.client.post(
             "/v1/videos", json={"image_url": "https://example.invalid/b.jpg"}, headers=headers
         )
@@ -122,10 +137,14 @@ class TestIdempotency:
 
 
 class TestUpstreamErrors:
-    async def test_rejected_key_fails_video_with_hiapi_code_and_502(self, services: ServiceFactory, sim: Sim):
+    async def test_rejected_key_fails_video_with_hiapi_code_and_502(
+        self, services: ServiceFactory, sim: Sim
+    ):
         sim.set(api_key="sk-the-right-key")
         service = await services.start()
-        response = await service.client.post("/v1/videos", json={"image_url": "https://example.invalid/a.jpg"})
+        response = await service.client.post(
+            "/v1/videos", json={"image_url": "https://example.invalid/a.jpg"}
+        )
         assert response.status_code == 502
         body = response.json()
         assert body["error"]["code"] == "upstream_rejected"
@@ -174,7 +193,9 @@ class TestUpstreamErrors:
         row = await db_video(service, video["id"])
         assert row.ambiguous_submits == 1
 
-    async def test_failed_task_callback_marks_failed_with_hiapi_error(self, service: Service, sim: Sim):
+    async def test_failed_task_callback_marks_failed_with_hiapi_error(
+        self, service: Service, sim: Sim
+    ):
         sim.set(fail_rate=1.0)
         video = await service.submit()
         done = await service.wait_for(video["id"], "failed")
@@ -188,7 +209,11 @@ class TestWebhook:
         sim.set(callback_drop_rate=1.0)
         video = await service.submit()
         before = await service.get(video["id"])
-        task = {"taskId": video["task_id"], "status": "fail", "error": {"code": "x", "message": "y"}}
+        task = {
+            "taskId": video["task_id"],
+            "status": "fail",
+            "error": {"code": "x", "message": "y"},
+        }
         for path in (
             f"/webhooks/hiapi/{video['id']}/{'0' * 40}",
             f"/webhooks/hiapi/{uuid.uuid4()}/{'0' * 40}",
@@ -199,8 +224,12 @@ class TestWebhook:
             assert response.json()["error"]["code"] == "not_found"
         assert await service.get(video["id"]) == before
 
-    @pytest.mark.parametrize("body", [b"not json", b"[]", b'{"taskId": "x"}', b'{"code": 200, "data": 5}'])
-    async def test_malformed_callback_is_400_and_changes_nothing(self, service: Service, sim: Sim, body: bytes):
+    @pytest.mark.parametrize(
+        "body", [b"not json", b"[]", b'{"taskId": "x"}', b'{"code": 200, "data": 5}']
+    )
+    async def test_malformed_callback_is_400_and_changes_nothing(
+        self, service: Service, sim: Sim, body: bytes
+    ):
         sim.set(callback_drop_rate=1.0)
         video = await service.submit()
         response = await service.client.post(
@@ -213,7 +242,11 @@ class TestWebhook:
     async def test_callback_for_another_task_is_409(self, service: Service, sim: Sim):
         sim.set(callback_drop_rate=1.0)
         video = await service.submit()
-        task = {"taskId": "tk-someone-else", "status": "fail", "error": {"code": "x", "message": "y"}}
+        task = {
+            "taskId": "tk-someone-else",
+            "status": "fail",
+            "error": {"code": "x", "message": "y"},
+        }
         response = await service.client.post(callback_path(video["id"]), json=task)
         assert response.status_code == 409
         assert (await service.get(video["id"]))["status"] == "processing"
@@ -224,7 +257,9 @@ class TestWebhook:
         response = await service.client.post(callback_path(video["id"]), content=b"x" * 300_000)
         assert response.status_code == 413
 
-    async def test_duplicate_callbacks_from_hiapi_give_one_download(self, service: Service, sim: Sim):
+    async def test_duplicate_callbacks_from_hiapi_give_one_download(
+        self, service: Service, sim: Sim
+    ):
         sim.set(duplicate_rate=1.0)
         videos = [await service.submit() for _ in range(3)]
         for video in videos:
@@ -234,16 +269,21 @@ class TestWebhook:
         assert stats["callbacks_sent"] >= 6
         assert stats["file_requests"] == 3
 
-    async def test_concurrent_identical_callbacks_start_exactly_one_download(self, service: Service, sim: Sim):
+    async def test_concurrent_identical_callbacks_start_exactly_one_download(
+        self, service: Service, sim: Sim
+    ):
         sim.set(callback_drop_rate=1.0)
         video = await service.submit()
         await sim.client.post(f"/_sim/tasks/{video['task_id']}/complete")
-        task = (await sim.client.get(f"/v1/tasks/{video['task_id']}",
-                                     headers={"Authorization": "Bearer sk-x"})).json()
+        task = (
+            await sim.client.get(
+                f"/v1/tasks/{video['task_id']}", headers={"Authorization": "Bearer sk-x"}
+            )
+        ).json()
         bodies = [task, task["data"]] * 6  # wrapped and bare copies
-        responses = await asyncio.gather(*(
-            service.client.post(callback_path(video["id"]), json=b) for b in bodies
-        ))
+        responses = await asyncio.gather(
+            *(service.client.post(callback_path(video["id"]), json=b) for b in bodies)
+        )
         assert all(r.status_code == 200 for r in responses)
         outcomes = [r.json()["outcome"] for r in responses]
         assert outcomes.count("download_claimed") == 1
@@ -251,7 +291,9 @@ class TestWebhook:
         await service.wait_for(video["id"], "ready")
         assert (await sim.stats())["file_requests"] == 1
 
-    async def test_tokens_never_appear_in_logs(self, service: Service, sim: Sim, caplog: pytest.LogCaptureFixture):
+    async def test_tokens_never_appear_in_logs(
+        self, service: Service, sim: Sim, caplog: pytest.LogCaptureFixture
+    ):
         video = await service.submit()
         await service.wait_for(video["id"], "ready")
         token = webhook_token(WEBHOOK_SECRET.encode(), uuid.UUID(video["id"]))
@@ -326,8 +368,11 @@ class TestDownloadFailures:
         sim.set(callback_drop_rate=1.0)
         video = await service.submit()
         await sim.client.post(f"/_sim/tasks/{video['task_id']}/complete")
-        task = (await sim.client.get(f"/v1/tasks/{video['task_id']}",
-                                     headers={"Authorization": "Bearer sk-x"})).json()["data"]
+        task = (
+            await sim.client.get(
+                f"/v1/tasks/{video['task_id']}", headers={"Authorization": "Bearer sk-x"}
+            )
+        ).json()["data"]
         good_url = task["output"][0]["url"]
         task["output"][0]["url"] = good_url.replace(".mp4", "missing.mp4")
         await service.client.post(callback_path(video["id"]), json=task)

@@ -102,7 +102,9 @@ async def read_row(database_url: str, video_id: str) -> Video:
 
 async def submit_and_wait_for_partial(proc: ServeProcess, storage: Path) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=proc.url) as client:
-        video = (await client.post("/v1/videos", json={"image_url": "https://example.invalid/a.jpg"})).json()
+        video = (
+            await client.post("/v1/videos", json={"image_url": "https://example.invalid/a.jpg"})
+        ).json()
         for _ in range(400):
             parts = list((storage / ".partial").glob("*.part"))
             if parts and parts[0].stat().st_size > 1_000_000:
@@ -123,7 +125,9 @@ async def wait_ready(url: str, video_id: str, timeout: float = 30) -> dict[str, 
 
 
 async def expected_sha256(sim: Sim, task_id: str) -> str:
-    task = (await sim.client.get(f"/v1/tasks/{task_id}", headers={"Authorization": "Bearer sk-x"})).json()
+    task = (
+        await sim.client.get(f"/v1/tasks/{task_id}", headers={"Authorization": "Bearer sk-x"})
+    ).json()
     digest = hashlib.sha256()
     async with sim.client.stream("GET", task["data"]["output"][0]["url"]) as response:
         async for chunk in response.aiter_bytes():
@@ -132,7 +136,9 @@ async def expected_sha256(sim: Sim, task_id: str) -> str:
 
 
 class TestCrashDuringDownload:
-    async def test_sigkill_mid_download_resumes_after_restart(self, slow_env: dict[str, Any], sim: Sim, database_url: str):
+    async def test_sigkill_mid_download_resumes_after_restart(
+        self, slow_env: dict[str, Any], sim: Sim, database_url: str
+    ):
         storage: Path = slow_env["storage"]
         first = ServeProcess(slow_env["env"], slow_env["port"], slow_env["log"])
         await first.start()

@@ -74,7 +74,9 @@ class HiapiClient:
             body = response.json()
         except ValueError:
             error = HiapiTimeout if status < 300 else HiapiUnavailable
-            raise error(f"hiapi answered {status} with a non-JSON body", status_code=status) from None
+            raise error(
+                f"hiapi answered {status} with a non-JSON body", status_code=status
+            ) from None
         if status >= 400:
             code, message = _error_fields(body, status)
             raise HiapiRejected(code, message, status_code=status)
