@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.schemas import FIELD_HINTS
+
 __all__ = ["AppError", "register_exception_handlers"]
 
 log = logging.getLogger(__name__)
@@ -83,10 +85,17 @@ def _validation_message(err: dict[str, Any]) -> str:
         return f"{field}: field required"
     if kind == "json_invalid":
         return "body: not valid JSON"
+    if field in FIELD_HINTS and "body" in tuple(err.get("loc", ())):
+        return f"{field}: {FIELD_HINTS[field]} (got {_shown(err.get('input'))})"
     msg = str(err.get("msg", "invalid value"))
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     return f"{field}: {msg}"
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def register_exception_handlers(app: FastAPI) -> None:

@@ -10,7 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.hiapi.schemas import DURATION_MAX, DURATION_MIN, image_url_errors
 
-__all__ = ["ErrorOut", "VideoCreate", "VideoError", "VideoOut", "VideoPage"]
+__all__ = ["FIELD_HINTS", "ErrorOut", "VideoCreate", "VideoError", "VideoOut", "VideoPage"]
+
+# How to fix each submit field, used in 422 messages.
+FIELD_HINTS = {
+    "image_url": "must be one https URL string, for example https://example.com/still.jpg",
+    "prompt": "must be a string of at most 5000 characters, or left out",
+    "resolution": "must be one of '720p', '1080p' (default '1080p')",
+    "duration": f"must be a whole number of seconds from {DURATION_MIN} to {DURATION_MAX}",
+}
 
 
 class VideoCreate(BaseModel):

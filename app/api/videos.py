@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -182,8 +183,15 @@ async def video_content(video_id: uuid.UUID, ctx: ContextDep, session: SessionDe
             f"video {video_id} is {video.status}; content is available once it is ready",
             code="not_ready",
         )
+    path = ctx.storage.path(video.storage_key)
+    if not await asyncio.to_thread(path.is_file):
+        raise AppError(
+            f"the stored file of video {video_id} is missing from storage",
+            code="content_missing",
+            status_code=500,
+        )
     return FileResponse(
-        ctx.storage.path(video.storage_key),
+        path,
         media_type="video/mp4",
         filename=f"{video_id}.mp4",
         content_disposition_type="inline",

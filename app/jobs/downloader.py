@@ -128,6 +128,9 @@ class Downloader:
             return
         partial = self._storage.partial_path(video_id, owner)
         try:
+            # Confirm the lease before touching files: it may have expired (and been taken
+            # by another replica) while this download waited for a slot.
+            await self._renew(video_id, owner)
             await asyncio.to_thread(self._storage.discard_partials, video_id)
             size, digest = await self._fetch(video_id, owner, url, partial)
             key = self._storage.key_for(video_id)

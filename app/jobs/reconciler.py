@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SUBMIT_HOLD = timedelta(seconds=120)
 POLL_HOLD = timedelta(seconds=120)
+SUBMIT_CONCURRENCY = 8
 
 
 @dataclass
@@ -109,20 +110,31 @@ class Reconciler:
 
     async def _resubmit(self, stats: ReconcileStats) -> None:
         _, videos = await self._claim(Status.queued, SUBMIT_HOLD)
-        for video in videos:
-            await submit_video(
-                self._sm,
-                video=video,
-                hiapi=self._hiapi,
-                policy=self._policy,
-                clock=self._clock,
-                callback_url=self._callback_url,
-            )
+        slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+
+        async def submit(video: Video) -> None:
+            async with slots:
+                await submit_video(
+                    self._sm,
+                    video=video,
+                    hiapi=self._hiapi,
+                    policy=self._policy,
+                    clock=self._clock,
+                    callback_url=self._callback_url,
+                )
             stats.resubmitted += 1
+
+        await asyncio.gather(*(submit(video) for video in videos))
 
     async def _poll(self, stats: ReconcileStats) -> None:
         _, videos = await self._claim(Status.processing, POLL_HOLD)
-        await asyncio.gather(*(self._poll_one(video, stats) for video in videos))
+        slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+
+        async def poll(video: Video) -> None:
+            async with slots:
+                await self._poll_one(video, stats)
+
+        await asyncio.gather(*(poll(video) for video in videos))
 
     async def _poll_one(self, video: Video, stats: ReconcileStats) -> None:
         if video.task_id is None:
