@@ -72,6 +72,8 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
+    if loc[:1] == ("body",) and len(loc) == 2 and isinstance(loc[1], int):
+        return "body"  # a JSON syntax error: the int is the character position
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
 

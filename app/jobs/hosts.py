@@ -54,11 +54,12 @@ class HostAllowlist:
     def allows(self, url: str | httpx.URL) -> bool:
         try:
             parsed = httpx.URL(url) if isinstance(url, str) else url
-        except (httpx.InvalidURL, ValueError):
+            scheme = parsed.scheme.lower()
+            host = parsed.host.lower().rstrip(".")  # decoding a bad IDN raises here
+            port = parsed.port or _DEFAULT_PORTS.get(scheme, 0)
+            userinfo = parsed.userinfo
+        except (httpx.InvalidURL, ValueError, UnicodeError):
             return False
-        scheme = parsed.scheme.lower()
-        if scheme not in _DEFAULT_PORTS or not parsed.host or parsed.userinfo:
+        if scheme not in _DEFAULT_PORTS or not host or userinfo:
             return False
-        port = parsed.port or _DEFAULT_PORTS[scheme]
-        host = parsed.host.lower().rstrip(".")
         return any(rule.admits(scheme, host, port) for rule in self._rules)
