@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from app.auth import ApiKeys, ApiKeysError
 from app.config import ConfigError, Settings
 from app.logging import configure_logging
 
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return _migrate(Settings())
         return _simulator(args)
-    except (ConfigError, ValidationError) as exc:
+    except (ConfigError, ValidationError, ApiKeysError) as exc:
         print(f"videorelay: configuration error: {exc}", file=sys.stderr)
         return 2
 
@@ -83,6 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = Settings()
     configure_logging(settings.LOG_LEVEL)
+    ApiKeys.load(settings.API_KEYS.get_secret_value(), settings.API_KEYS_FILE)  # fail early
     if args.simulate:
         return _serve_simulated(args, settings)
     settings.require_production_secrets()

@@ -49,6 +49,17 @@ class Settings(BaseSettings):
     RETRY_MAX_SECONDS: float = Field(default=300.0, gt=0)
     SHUTDOWN_GRACE_SECONDS: float = Field(default=10.0, ge=0)
     LOG_LEVEL: str = Field(default="INFO")
+    API_KEYS: SecretStr = Field(
+        default=SecretStr(""),
+        description="Comma-separated `name:key` pairs (or bare keys); empty = open API.",
+    )
+    API_KEYS_FILE: Path | None = Field(
+        default=None, description="File with one `name key` (or `name:key`) per line."
+    )
+    DAILY_VIDEO_SECONDS_LIMIT: int = Field(
+        default=0, ge=0, description="Video-seconds per API key per UTC day; 0 = no limit."
+    )
+    CORS_ORIGINS: str = Field(default="", description="Comma-separated origins, or `*`.")
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.auth import ApiKeys
 from app.config import Settings
 from app.hiapi.client import HiapiClient
 from app.jobs.downloader import Downloader, DownloadSettings
@@ -41,6 +42,7 @@ class AppContext:
     clock: Callable[[], datetime]
     head_revision: str | None
     stop: asyncio.Event
+    api_keys: ApiKeys
     shutting_down: bool = False
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -141,4 +143,5 @@ def build_context(
         clock=clock,
         head_revision=head_revision,
         stop=stop,
+        api_keys=ApiKeys.load(settings.API_KEYS.get_secret_value(), settings.API_KEYS_FILE),
     )

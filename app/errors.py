@@ -37,6 +37,7 @@ class AppError(Exception):
         code: str | None = None,
         status_code: int | None = None,
         extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -45,6 +46,7 @@ class AppError(Exception):
         if status_code is not None:
             self.status_code = status_code
         self.extra = extra or {}
+        self.headers = headers
 
 
 class NotFound(AppError):
@@ -105,7 +107,7 @@ def register_exception_handlers(app: FastAPI) -> None:
     async def _app_error(_: Request, exc: AppError) -> JSONResponse:
         body = error_body(exc.code, exc.message)
         body.update(jsonable_encoder(exc.extra))
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

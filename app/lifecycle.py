@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.hiapi.schemas import Task, TaskStatus
-from app.models import Status, Via, Video
+from app.models import DailySpend, Status, Via, Video
 
 __all__ = [
     "ApplyOutcome",
@@ -40,6 +40,9 @@ __all__ = [
     "fail_download",
     "mark_ready",
     "record_poll_pending",
+    "refund_spend",
+    "reserve_spend",
+    "spent",
     "record_submit_rejected",
     "record_submit_retry",
     "record_submit_success",
@@ -77,6 +80,7 @@ async def create_video(
     session: AsyncSession,
     *,
     params: NewVideo,
+    owner: str = "",
     idempotency_key: str | None,
     now: datetime,
     submit_hold: timedelta,
@@ -93,6 +97,7 @@ async def create_video(
         "prompt": params.prompt,
         "resolution": params.resolution,
         "duration": params.duration,
+        "owner": owner,
         "idempotency_key": idempotency_key,
         "due_at": now + submit_hold,
         "created_at": now,
@@ -113,12 +118,14 @@ async def create_video(
     stmt = (
         insert(Video)
         .values(**values)
-        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .on_conflict_do_nothing(index_elements=["owner", "idempotency_key"])
         .returning(Video.id)
     )
     inserted = (await session.execute(stmt)).scalar_one_or_none()
     existing = (
-        await session.execute(select(Video).where(Video.idempotency_key == idempotency_key))
+        await session.execute(
+            select(Video).where(Video.owner == owner, Video.idempotency_key == idempotency_key)
+        )
     ).scalar_one()
     if inserted is not None:
         return existing, Created.created
@@ -148,6 +155,50 @@ async def get(session: AsyncSession, video_id: uuid.UUID) -> Video | None:
             select(Video).where(Video.id == video_id).execution_options(populate_existing=True)
         )
     ).scalar_one_or_none()
+
+
+# --- spend -------------------------------------------------------------------------------
+
+
+async def reserve_spend(
+    session: AsyncSession, *, owner: str, day: date, seconds: int, limit: int
+) -> int | None:
+    """Add ``seconds`` to the owner's total for ``day`` if it stays within ``limit``.
+
+    One statement, so concurrent submits cannot overshoot: on Postgres the conflicting row is
+    locked and the ``WHERE`` re-checked after the other transaction commits; SQLite runs one
+    writer at a time. Returns the new total, or None when the limit would be exceeded.
+    """
+    if seconds > limit:
+        return None
+    insert = _insert_for(session)
+    stmt = insert(DailySpend).values(owner=owner, day=day, video_seconds=seconds)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["owner", "day"],
+        set_={"video_seconds": DailySpend.video_seconds + seconds},
+        where=DailySpend.video_seconds + seconds <= limit,
+    ).returning(DailySpend.video_seconds)
+    total: int | None = (await session.execute(stmt)).scalar_one_or_none()
+    return total
+
+
+async def spent(session: AsyncSession, *, owner: str, day: date) -> int:
+    row = await session.get(DailySpend, (owner, day))
+    return row.video_seconds if row is not None else 0
+
+
+async def refund_spend(session: AsyncSession, *, owner: str, day: date, seconds: int) -> None:
+    """Give back the seconds of a video hiapi refused (it was never billed)."""
+    await session.execute(
+        update(DailySpend)
+        .where(DailySpend.owner == owner, DailySpend.day == day)
+        .values(
+            video_seconds=case(
+                (DailySpend.video_seconds > seconds, DailySpend.video_seconds - seconds),
+                else_=0,
+            )
+        )
+    )
 
 
 # --- submit -----------------------------------------------------------------------------
@@ -183,8 +234,8 @@ async def record_submit_success(
 async def record_submit_rejected(
     session: AsyncSession, *, video_id: uuid.UUID, code: str, message: str, now: datetime
 ) -> Video | None:
-    """hiapi refused the task (400/401): final, never retried."""
-    return await _update_returning(
+    """hiapi refused the task (400/401): final, never retried; its seconds are refunded."""
+    failed = await _update_returning(
         session,
         _submittable(video_id),
         status=Status.failed,
@@ -194,6 +245,11 @@ async def record_submit_rejected(
         lease_owner=None,
         updated_at=now,
     )
+    if failed is not None:
+        await refund_spend(
+            session, owner=failed.owner, day=failed.created_at.date(), seconds=failed.duration
+        )
+    return failed
 
 
 async def record_submit_retry(

@@ -21,6 +21,7 @@ from app.config import Settings
 from app.context import build_context
 from app.db import create_engine, create_sessionmaker, utc_now
 from app.errors import register_exception_handlers
+from app.http_policies import install_http_policies
 from app.logging import configure_logging
 from app.migrate import head_revision
 
@@ -62,6 +63,13 @@ def create_app(
             stack.push_async_callback(ctx.aclose)
             await asyncio.to_thread(ctx.storage.ensure_dirs)
             app.state.ctx = ctx
+            if ctx.api_keys.open:
+                log.warning(
+                    "service.open_api: API_KEYS is not set, so anyone who can reach /v1/* can "
+                    "submit (and spend) and read every video; set API_KEYS in production"
+                )
+            else:
+                log.info("service.api_keys count=%d", len(ctx.api_keys.names))
             if run_reconciler:
                 ctx.background.append(asyncio.create_task(ctx.reconciler.run(ctx.stop)))
             log.info("service.started public_base=%s", settings.public_base)
@@ -82,6 +90,7 @@ def create_app(
         lifespan=lifespan,
     )
     register_exception_handlers(app)
+    install_http_policies(app, settings)
     app.include_router(videos.router)
     app.include_router(webhooks.router)
     app.include_router(health.router)

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    Date,
     Index,
     Integer,
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     Uuid,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.db import UTCDateTime
 
-__all__ = ["Base", "Status", "Video"]
+__all__ = ["Base", "DailySpend", "Status", "Video"]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -66,6 +68,9 @@ class Video(Base):
         Index("ix_videos_status_due_at", "status", "due_at"),
         Index("ix_videos_created_at_id", "created_at", "id"),
         Index("ix_videos_status_created_at_id", "status", "created_at", "id"),
+        Index("ix_videos_owner_created_at_id", "owner", "created_at", "id"),
+        # An Idempotency-Key is scoped to the key (owner) that sent it.
+        UniqueConstraint("owner", "idempotency_key", name="videos_owner_idempotency_key_key"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
@@ -74,7 +79,9 @@ class Video(Base):
     prompt: Mapped[str | None] = mapped_column(Text)
     resolution: Mapped[str] = mapped_column(String(8))
     duration: Mapped[int] = mapped_column(Integer)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # The API key name that created the video ('' when the API is open). Other keys get 404.
+    owner: Mapped[str] = mapped_column(String(100), default="", server_default="")
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
 
     task_id: Mapped[str | None] = mapped_column(String(200), unique=True)
     error_code: Mapped[str | None] = mapped_column(String(100))
@@ -103,3 +110,13 @@ class Video(Base):
     submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     task_finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ready_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class DailySpend(Base):
+    """Video-seconds submitted per API key per UTC day, for ``DAILY_VIDEO_SECONDS_LIMIT``."""
+
+    __tablename__ = "daily_spend"
+
+    owner: Mapped[str] = mapped_column(String(100), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    video_seconds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -34,10 +34,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 async def list_videos(
-    session: AsyncSession, *, status: str | None, limit: int, cursor: str | None
+    session: AsyncSession, *, owner: str, status: str | None, limit: int, cursor: str | None
 ) -> tuple[list[Video], str | None]:
     """Newest first; keyset pagination on ``(created_at, id)`` so pages stay stable and cheap."""
-    stmt = select(Video).order_by(Video.created_at.desc(), Video.id.desc()).limit(limit + 1)
+    stmt = (
+        select(Video)
+        .where(Video.owner == owner)
+        .order_by(Video.created_at.desc(), Video.id.desc())
+        .limit(limit + 1)
+    )
     if status is not None:
         stmt = stmt.where(Video.status == status)
     if cursor is not None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.context import AppContext
+from app.errors import AppError
 
-__all__ = ["ContextDep", "SessionDep"]
+__all__ = ["CallerDep", "ContextDep", "SessionDep"]
 
 
 def get_context(request: Request) -> AppContext:
@@ -27,3 +28,27 @@ async def get_session(ctx: ContextDep) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def get_caller(
+    ctx: ContextDep,
+    authorization: Annotated[
+        str | None,
+        Header(
+            description="`Bearer <API key>`; required when the service has API keys configured.",
+        ),
+    ] = None,
+) -> str:
+    """The name of the calling API key ('' when the API is open)."""
+    owner = ctx.api_keys.identify(authorization)
+    if owner is None:
+        raise AppError(
+            "missing or invalid API key: send `Authorization: Bearer <key>`",
+            code="unauthorized",
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return owner
+
+
+CallerDep = Annotated[str, Depends(get_caller)]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import FileResponse
 
 from app import lifecycle, repository
-from app.api.deps import ContextDep, SessionDep
+from app.api.deps import CallerDep, ContextDep, SessionDep
 from app.context import AppContext
 from app.errors import AppError, Conflict, NotFound, UpstreamRejected
 from app.jobs.submitter import submit_video
@@ -22,7 +23,8 @@ __all__ = ["router", "to_out"]
 router = APIRouter(prefix="/v1/videos", tags=["videos"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorOut, "description": "No such video."},
+    401: {"model": ErrorOut, "description": "Missing or invalid API key (when keys are set)."},
+    404: {"model": ErrorOut, "description": "No such video (or it belongs to another key)."},
 }
 
 
@@ -65,11 +67,16 @@ def to_out(ctx: AppContext, video: Video) -> VideoOut:
             "model": VideoOut,
             "description": "Replay of an earlier request with the same Idempotency-Key.",
         },
+        401: ERRORS[401],
         409: {
             "model": ErrorOut,
             "description": "Idempotency-Key reused with different parameters.",
         },
         422: {"model": ErrorOut, "description": "Invalid request; `error.field` names the field."},
+        429: {
+            "model": ErrorOut,
+            "description": "Daily video-seconds limit of this key reached; see `resets_at`.",
+        },
         502: {"model": ErrorOut, "description": "hiapi rejected the task; the video is `failed`."},
     },
 )
@@ -77,6 +84,7 @@ async def create_video(
     body: VideoCreate,
     ctx: ContextDep,
     session: SessionDep,
+    caller: CallerDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -93,14 +101,25 @@ async def create_video(
         resolution=body.resolution,
         duration=body.duration,
     )
+    now = ctx.clock()
+    limit = ctx.settings.DAILY_VIDEO_SECONDS_LIMIT
     async with session.begin():
         video, created = await lifecycle.create_video(
             session,
             params=params,
+            owner=caller,
             idempotency_key=idempotency_key,
-            now=ctx.clock(),
+            now=now,
             submit_hold=ctx.lease,
         )
+        if created == lifecycle.Created.created and limit:
+            total = await lifecycle.reserve_spend(
+                session, owner=caller, day=now.date(), seconds=body.duration, limit=limit
+            )
+            if total is None:
+                used = await lifecycle.spent(session, owner=caller, day=now.date())
+                # Raising rolls the transaction back: the video row goes too, nothing is sent.
+                raise _over_limit(now, used=used, limit=limit, asked=body.duration)
     if created == lifecycle.Created.conflict:
         raise Conflict(
             "Idempotency-Key was already used with different parameters; use a new key "
@@ -130,10 +149,17 @@ async def create_video(
     return to_out(ctx, current)
 
 
-@router.get("", response_model=VideoPage, summary="List videos, newest first")
+@router.get(
+    "",
+    response_model=VideoPage,
+    summary="List videos, newest first",
+    description="Only the calling key's videos. Keyset pagination: pass `next_cursor` back.",
+    responses={401: ERRORS[401], 422: {"model": ErrorOut, "description": "Bad parameter."}},
+)
 async def list_videos(
     ctx: ContextDep,
     session: SessionDep,
+    caller: CallerDep,
     status_: Annotated[
         Literal["queued", "processing", "downloading", "ready", "failed"] | None,
         Query(alias="status", description="Only videos in this status."),
@@ -145,23 +171,37 @@ async def list_videos(
 ) -> VideoPage:
     try:
         rows, next_cursor = await repository.list_videos(
-            session, status=status_, limit=limit, cursor=cursor
+            session, owner=caller, status=status_, limit=limit, cursor=cursor
         )
     except repository.BadCursor as exc:
         raise AppError(str(exc), code="bad_cursor", status_code=422) from None
     return VideoPage(items=[to_out(ctx, v) for v in rows], next_cursor=next_cursor)
 
 
-async def _video_or_404(session: SessionDep, video_id: uuid.UUID) -> Video:
+def _over_limit(now: datetime, *, used: int, limit: int, asked: int) -> AppError:
+    resets = datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=UTC)
+    return AppError(
+        f"daily limit reached: {used} of {limit} video-seconds used today, this video needs "
+        f"{asked}; the limit resets at {resets.isoformat().replace('+00:00', 'Z')}",
+        code="daily_limit_exceeded",
+        status_code=429,
+        extra={"resets_at": resets},
+        headers={"Retry-After": str(max(1, int((resets - now).total_seconds())))},
+    )
+
+
+async def _video_or_404(session: SessionDep, video_id: uuid.UUID, owner: str) -> Video:
     video = await lifecycle.get(session, video_id)
-    if video is None:
+    if video is None or video.owner != owner:
         raise NotFound(f"no video with id {video_id}")
     return video
 
 
 @router.get("/{video_id}", response_model=VideoOut, responses=ERRORS, summary="Read one video")
-async def read_video(video_id: uuid.UUID, ctx: ContextDep, session: SessionDep) -> VideoOut:
-    return to_out(ctx, await _video_or_404(session, video_id))
+async def read_video(
+    video_id: uuid.UUID, ctx: ContextDep, session: SessionDep, caller: CallerDep
+) -> VideoOut:
+    return to_out(ctx, await _video_or_404(session, video_id, caller))
 
 
 @router.get(
@@ -172,12 +212,15 @@ async def read_video(video_id: uuid.UUID, ctx: ContextDep, session: SessionDep) 
     responses={
         200: {"content": {"video/mp4": {}}},
         206: {"description": "Partial content for a Range request."},
+        401: ERRORS[401],
         404: ERRORS[404],
         409: {"model": ErrorOut, "description": "The video is not ready yet."},
     },
 )
-async def video_content(video_id: uuid.UUID, ctx: ContextDep, session: SessionDep) -> FileResponse:
-    video = await _video_or_404(session, video_id)
+async def video_content(
+    video_id: uuid.UUID, ctx: ContextDep, session: SessionDep, caller: CallerDep
+) -> FileResponse:
+    video = await _video_or_404(session, video_id, caller)
     if video.status != Status.ready or video.storage_key is None:
         raise Conflict(
             f"video {video_id} is {video.status}; content is available once it is ready",

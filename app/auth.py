@@ -1,0 +1,80 @@
+"""API keys for ``/v1/*``: who is calling, checked in constant time.
+
+Keys come from ``API_KEYS`` (``name:key`` pairs, comma-separated; a bare key is named
+``key1``, ``key2``, ...) and/or ``API_KEYS_FILE`` (one ``name key`` or ``name:key`` per line,
+``#`` comments). With no keys at all the API is open and every video belongs to ``""``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+__all__ = ["ApiKeys", "ApiKeysError"]
+
+OPEN_OWNER = ""
+
+
+class ApiKeysError(ValueError):
+    pass
+
+
+class ApiKeys:
+    def __init__(self, keys: dict[str, str]) -> None:
+        # Compare fixed-length digests so neither length nor content leaks through timing.
+        self._digests = [
+            (name, hashlib.sha256(key.encode()).digest()) for name, key in keys.items()
+        ]
+
+    @property
+    def open(self) -> bool:
+        return not self._digests
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self._digests]
+
+    @classmethod
+    def load(cls, spec: str, file: Path | None) -> ApiKeys:
+        keys: dict[str, str] = {}
+        entries = [e.strip() for e in spec.split(",") if e.strip()]
+        if file is not None:
+            try:
+                lines = file.read_text().splitlines()
+            except OSError as exc:
+                raise ApiKeysError(f"API_KEYS_FILE cannot be read: {exc.strerror}") from None
+            entries += [
+                ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")
+            ]
+        for index, entry in enumerate(entries, start=1):
+            name, key = _split(entry, index)
+            if len(key) < 16:
+                raise ApiKeysError(f"API key {name!r} is shorter than 16 characters")
+            if name in keys:
+                raise ApiKeysError(f"API key name {name!r} is used twice")
+            keys[name] = key
+        return cls(keys)
+
+    def identify(self, authorization: str | None) -> str | None:
+        """The key's name for a valid ``Bearer`` header, else None. Checks every key."""
+        if self.open:
+            return OPEN_OWNER
+        if not authorization or not authorization.lower().startswith("bearer "):
+            return None
+        offered = hashlib.sha256(authorization[7:].strip().encode()).digest()
+        found: str | None = None
+        for name, digest in self._digests:
+            if hmac.compare_digest(digest, offered):
+                found = name
+        return found
+
+
+def _split(entry: str, index: int) -> tuple[str, str]:
+    for sep in (":", " ", "\t"):
+        if sep in entry:
+            name, key = entry.split(sep, 1)
+            name, key = name.strip(), key.strip()
+            if name and key:
+                return name, key
+    return f"key{index}", entry

@@ -1,0 +1,63 @@
+"""Cross-origin rules (``CORS_ORIGINS``) and security headers on every response."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.config import Settings
+
+__all__ = ["install_http_policies"]
+
+# JSON and MP4 responses never need scripts, frames or plugins. /docs loads Swagger UI from
+# a CDN, so it gets no CSP here.
+API_CSP = b"default-src 'none'; frame-ancestors 'none'; sandbox"
+DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware (no buffering, so streamed MP4s and Range responses pass through)."""
+
+    def __init__(self, app: ASGIApp, *, hsts: bool) -> None:
+        self.app = app
+        self.hsts = hsts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        docs = str(scope.get("path", "")).startswith(DOCS_PATHS)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                extra = [
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"x-frame-options", b"DENY"),
+                ]
+                if not docs:
+                    extra.append((b"content-security-policy", API_CSP))
+                if self.hsts:
+                    extra.append((b"strict-transport-security", b"max-age=31536000"))
+                headers += [(k, v) for k, v in extra if k not in names]
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def install_http_policies(app: FastAPI, settings: Settings) -> None:
+    app.add_middleware(SecurityHeaders, hsts=settings.PUBLIC_BASE_URL.startswith("https://"))
+    origins = [o.strip() for o in settings.CORS_ORIGINS.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range"],
+            expose_headers=["Idempotent-Replayed", "Content-Range", "Accept-Ranges", "Retry-After"],
+            max_age=600,
+        )
