@@ -37,6 +37,7 @@ class Settings(BaseSettings):
         description="Key for the per-video callback token (HMAC). Required in production.",
     )
     DATABASE_URL: str = Field(default=DEFAULT_DATABASE_URL)
+    DATABASE_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0)
     STORAGE_DIR: Path = Field(default=Path("./data/videos"))
     DOWNLOAD_ALLOWED_HOSTS: str = Field(default="*.hiapi.ai")
     MAX_VIDEO_BYTES: int = Field(default=512 * 1024 * 1024, gt=0)

@@ -44,26 +44,30 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+def create_engine(url: str, *, timeout: float = 10.0, **kwargs: Any) -> AsyncEngine:
+    """One engine per process. ``timeout`` bounds how long a request waits for the database
+    (SQLite lock wait; Postgres connect and statement time) before it fails with a 503."""
     if is_sqlite(url):
         _ensure_sqlite_dir(url)
-        engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        engine = create_async_engine(url, connect_args={"timeout": timeout}, **kwargs)
+
+        def pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            # WAL lets readers run beside the one writer; busy_timeout waits, then fails.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        event.listen(engine.sync_engine, "connect", pragmas)
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
     kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_timeout", timeout)
+    kwargs.setdefault("connect_args", {"timeout": timeout, "command_timeout": timeout})
     return create_async_engine(url, **kwargs)
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    # WAL lets readers run beside the single writer; busy_timeout waits instead of failing.
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
 
 
 def _ensure_sqlite_dir(url: str) -> None:

@@ -136,6 +136,8 @@ def register_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
+    @app.exception_handler(ConnectionError)
+    @app.exception_handler(TimeoutError)
     async def _db_down(_: Request, exc: Exception) -> JSONResponse:
         log.error("database.unavailable error=%s", type(exc).__name__)
         return JSONResponse(

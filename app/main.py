@@ -52,7 +52,7 @@ def create_app(
         async with AsyncExitStack() as stack:
             if simulator is not None:
                 await stack.enter_async_context(simulator.router.lifespan_context(simulator))
-            engine = create_engine(settings.DATABASE_URL)
+            engine = create_engine(settings.DATABASE_URL, timeout=settings.DATABASE_TIMEOUT_SECONDS)
             ctx = build_context(
                 settings,
                 engine=engine,

@@ -25,7 +25,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import lifecycle
-from app.jobs.hosts import HostAllowlist
+from app.jobs.hosts import HostAllowlist, resolves_to_public
 from app.logging import bind
 from app.retry import backoff_seconds
 from app.storage import LocalStorage
@@ -183,10 +183,18 @@ class Downloader:
     ) -> tuple[int, str]:
         current = httpx.URL(url)
         for _hop in range(MAX_REDIRECTS + 1):
-            if not self._allow.allows(current):
+            rule = self._allow.match(current)
+            if rule is None:
                 raise Permanent(
                     "host_not_allowed",
                     f"download host not allowed: {current.scheme}://{current.host}",
+                )
+            if not rule.explicit and not await resolves_to_public(
+                current.host, current.port or 443
+            ):
+                raise Permanent(
+                    "host_not_allowed",
+                    f"download host {current.host} resolves to a private or local address",
                 )
             async with self._http.stream("GET", current) as response:
                 if response.is_redirect:
