@@ -66,7 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return _migrate(Settings())
         return _simulator(args)
-    except (ConfigError, ValidationError, ApiKeysError) as exc:
+    except ValidationError as exc:
+        # Never echo the input: it holds HIAPI_KEY, WEBHOOK_SECRET and API_KEYS.
+        for error in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(p) for p in error["loc"]) or "settings"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            print(f"videorelay: configuration error: {where}: {message}", file=sys.stderr)
+        return 2
+    except (ConfigError, ApiKeysError) as exc:
         print(f"videorelay: configuration error: {exc}", file=sys.stderr)
         return 2
 

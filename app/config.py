@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     DOWNLOAD_CONCURRENCY: int = Field(default=4, ge=1)
     RECONCILE_AFTER_SECONDS: float = Field(default=600.0, ge=0)
     RECONCILE_INTERVAL_SECONDS: float = Field(default=30.0, gt=0)
+    TASK_TIMEOUT_SECONDS: float = Field(
+        default=86400.0, gt=0, description="A task still running this long after submit fails."
+    )
     RECONCILE_BATCH_SIZE: int = Field(default=100, ge=1)
     RETRY_BASE_SECONDS: float = Field(default=5.0, gt=0)
     RETRY_MAX_SECONDS: float = Field(default=300.0, gt=0)

@@ -111,6 +111,9 @@ def build_context(
         poll_after=timedelta(seconds=settings.RECONCILE_AFTER_SECONDS),
         retry_base=retry_base,
         retry_max=retry_max,
+        in_flight_hold=timedelta(
+            seconds=max(settings.RECONCILE_AFTER_SECONDS, 2 * settings.HIAPI_TIMEOUT_SECONDS)
+        ),
     )
     hiapi = HiapiClient(hiapi_http, api_key=api_key)
 
@@ -127,6 +130,7 @@ def build_context(
         batch_size=settings.RECONCILE_BATCH_SIZE,
         lease=lease,
         clock=clock,
+        task_timeout=timedelta(seconds=settings.TASK_TIMEOUT_SECONDS),
     )
     return AppContext(
         settings=settings,

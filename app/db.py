@@ -66,7 +66,11 @@ def create_engine(url: str, *, timeout: float = 10.0, **kwargs: Any) -> AsyncEng
     kwargs.setdefault("max_overflow", 10)
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_timeout", timeout)
-    kwargs.setdefault("connect_args", {"timeout": timeout, "command_timeout": timeout})
+    kwargs.setdefault(
+        "connect_args",
+        # UTC sessions: naive timestamps then mean the same thing on every server.
+        {"timeout": timeout, "command_timeout": timeout, "server_settings": {"timezone": "UTC"}},
+    )
     return create_async_engine(url, **kwargs)
 
 

@@ -22,10 +22,11 @@ from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import UTCDateTime
 from app.hiapi.schemas import Task, TaskStatus
 from app.models import DailySpend, Status, Via, Video
 
@@ -38,6 +39,7 @@ __all__ = [
     "claim_due",
     "create_video",
     "fail_download",
+    "fail_processing",
     "mark_ready",
     "record_poll_pending",
     "refund_spend",
@@ -329,7 +331,7 @@ async def apply_task(
         "task_id": task.taskId,
         "completed_via": via.value,
         "task_finished_at": now,
-        "submitted_at": func.coalesce(Video.submitted_at, now),
+        "submitted_at": func.coalesce(Video.submitted_at, literal(now, UTCDateTime())),
         "updated_at": now,
     }
     if task.status == TaskStatus.success and task.output:
@@ -378,6 +380,21 @@ async def _explain_noop(
     if video.task_id is not None and video.task_id != task.taskId:
         return ApplyOutcome.foreign_task, video
     return default, video
+
+
+async def fail_processing(
+    session: AsyncSession, *, video_id: uuid.UUID, code: str, message: str, now: datetime
+) -> Video | None:
+    """End a video whose task hiapi no longer knows, or that ran far too long."""
+    return await _update_returning(
+        session,
+        and_(Video.id == video_id, Video.status == Status.processing),
+        status=Status.failed,
+        error_code=code,
+        error_message=message,
+        lease_owner=None,
+        updated_at=now,
+    )
 
 
 async def record_poll_pending(

@@ -7,9 +7,10 @@ import json
 import uuid
 from datetime import datetime
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import Uuid, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import UTCDateTime
 from app.models import Video
 
 __all__ = ["BadCursor", "decode_cursor", "encode_cursor", "list_videos"]
@@ -47,7 +48,10 @@ async def list_videos(
         stmt = stmt.where(Video.status == status)
     if cursor is not None:
         created, vid = decode_cursor(cursor)
-        stmt = stmt.where(tuple_(Video.created_at, Video.id) < tuple_(created, vid))
+        # Typed binds: a bare datetime would be sent as timestamptz and shifted by the
+        # server's time zone when compared with our naive-UTC column.
+        bound = tuple_(literal(created, UTCDateTime()), literal(vid, Uuid()))
+        stmt = stmt.where(tuple_(Video.created_at, Video.id) < bound)
     rows = list((await session.execute(stmt)).scalars().all())
     more = len(rows) > limit
     rows = rows[:limit]

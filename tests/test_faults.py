@@ -80,7 +80,7 @@ async def database_outage(database_url: str) -> AsyncIterator[tuple[str, object]
             conn: sqlite3.Connection | None = None
 
             async def cut(self) -> None:
-                self.conn = sqlite3.connect(path, isolation_level=None)
+                self.conn = sqlite3.connect(path, isolation_level=None, timeout=30)
                 self.conn.execute("BEGIN EXCLUSIVE")
 
             async def restore(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,4 +136,10 @@ async def test_serve_simulate_turns_an_image_into_a_playable_mp4(tmp_path: Path)
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
     assert "videorelay is running" in out and "curl" in out
+    # hiapi's callback was logged by the access log, with its token masked.
+    callbacks = re.findall(r"/webhooks/hiapi/\S+", out)
+    assert callbacks, out[-2000:]
+    assert all(path.endswith("/***") for path in callbacks), callbacks
+    assert not re.search(r"/webhooks/hiapi/[0-9a-f-]{36}/[0-9a-f]{40}", out)
+    assert "sk-simulator" not in out
     assert (tmp_path / "data" / "videorelay.db").exists()

@@ -110,7 +110,7 @@ async def create_video(
             owner=caller,
             idempotency_key=idempotency_key,
             now=now,
-            submit_hold=ctx.lease,
+            submit_hold=ctx.submit_policy.in_flight_hold,
         )
         if created == lifecycle.Created.created and limit:
             total = await lifecycle.reserve_spend(
@@ -226,7 +226,7 @@ async def video_content(
             f"video {video_id} is {video.status}; content is available once it is ready",
             code="not_ready",
         )
-    path = ctx.storage.path(video.storage_key)
+    path = await asyncio.to_thread(ctx.storage.path, video.storage_key)
     if not await asyncio.to_thread(path.is_file):
         raise AppError(
             f"the stored file of video {video_id} is missing from storage",

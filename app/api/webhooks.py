@@ -82,7 +82,7 @@ async def hiapi_callback(
     try:
         payload: Any = json.loads(raw)
         task = parse_task_payload(payload)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise AppError(
             f"callback body is not a hiapi task: {exc}", code="bad_callback", status_code=400
         ) from None

@@ -68,6 +68,9 @@ class HiapiClient:
             # The request may have been received: the task may exist upstream.
             raise HiapiTimeout(f"no answer from hiapi: {type(exc).__name__}") from None
         status = response.status_code
+        if status in (502, 504):
+            # A gateway gave up waiting: hiapi behind it may have created the task.
+            raise HiapiTimeout(f"hiapi answered {status} (gateway)", status_code=status)
         if status == 429 or status >= 500:
             raise HiapiUnavailable(f"hiapi answered {status}", status_code=status)
         try:

@@ -1,9 +1,9 @@
 """Errors raised by the hiapi client.
 
 HiapiError
-├── HiapiRejected      400/401/403/404: hiapi said no. Never retried; carries hiapi's code/message.
-└── HiapiUnavailable   connect error, 5xx, 429, bad body: nothing was created; retry with backoff.
-    └── HiapiTimeout   the request may have reached hiapi: a task *may* exist upstream.
+├── HiapiRejected     4xx except 429: hiapi said no. Never retried; has hiapi's code.
+└── HiapiUnavailable  connect error, 429, 500, 503: no task was created; retry.
+    └── HiapiTimeout  no answer, or 502/504 from a gateway: a task *may* exist upstream.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
     "DURATION_MAX",
@@ -47,6 +47,16 @@ class TaskOutput(BaseModel):
     type: str = "video"
     url: str
     expireAt: int | None = None  # noqa: N815 - hiapi's field name
+
+    @field_validator("expireAt", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        """Unix seconds; a value in milliseconds is scaled, one out of range is dropped."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None if value is None else value
+        if value > 10**11:
+            value = value / 1000
+        return int(value) if 0 < value < 10**11 else None
 
 
 class TaskError(BaseModel):

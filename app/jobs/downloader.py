@@ -12,14 +12,15 @@ request (shutdown) gives it back at once so any replica can resume.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -127,14 +128,12 @@ class Downloader:
             )
             return
         partial = self._storage.partial_path(video_id, owner)
+        lost = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(video_id, owner, lost))
         try:
-            # Confirm the lease before touching files: it may have expired (and been taken
-            # by another replica) while this download waited for a slot.
-            await self._renew(video_id, owner)
-            await asyncio.to_thread(self._storage.discard_partials, video_id)
-            size, digest = await self._fetch(video_id, owner, url, partial)
-            key = self._storage.key_for(video_id)
-            await asyncio.to_thread(self._storage.commit, partial, key)
+            size, digest, key = await self._until_stopped(
+                self._copy(video_id, owner, url, partial, lost)
+            )
         except Permanent as exc:
             await asyncio.to_thread(partial.unlink, True)
             await self._fail(video_id, owner, exc.code, str(exc))
@@ -163,6 +162,13 @@ class Downloader:
             log.warning("download.retry in=%.1fs error=%s", delay, reason)
             await self._release(video_id, owner, retry_at, reason)
             return
+        except asyncio.CancelledError:
+            # Cancelled after the shutdown grace: still leave nothing behind and give the
+            # lease back, so another replica resumes at once instead of after expiry.
+            await asyncio.shield(self._abandon(video_id, owner, partial))
+            raise
+        finally:
+            heartbeat.cancel()
         async with self._sm() as session, session.begin():
             ready = await lifecycle.mark_ready(
                 session,
@@ -178,9 +184,65 @@ class Downloader:
         else:
             log.info("download.ready size=%d sha256=%s", size, digest)
 
-    async def _fetch(
-        self, video_id: uuid.UUID, owner: str, url: str, partial: Path
-    ) -> tuple[int, str]:
+    async def _copy(
+        self, video_id: uuid.UUID, owner: str, url: str, partial: Path, lost: asyncio.Event
+    ) -> tuple[int, str, str]:
+        # Confirm the lease before touching files: it may have expired (and been taken by
+        # another replica) while this download waited for a slot.
+        await self._renew(video_id, owner)
+        await asyncio.to_thread(self._storage.discard_partials, video_id, keep=partial)
+        size, digest = await self._fetch(url, partial, lost)
+        if lost.is_set():
+            raise Stopped("lease lost")
+        key = self._storage.key_for(video_id)
+        await asyncio.to_thread(self._storage.commit, partial, key)
+        return size, digest, key
+
+    async def _until_stopped(
+        self, work: Coroutine[Any, Any, tuple[int, str, str]]
+    ) -> tuple[int, str, str]:
+        """Run ``work``; a shutdown request cancels it even while it waits on the network."""
+        task = asyncio.ensure_future(work)
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise Stopped("shutdown")
+        return task.result()
+
+    async def _heartbeat(self, video_id: uuid.UUID, owner: str, lost: asyncio.Event) -> None:
+        """Renew the lease on a timer, whatever the transfer is doing (waiting for headers,
+        stalled, fsyncing), so a slow download is never mistaken for a dead one."""
+        every = self._settings.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                async with self._sm() as session, session.begin():
+                    held = await lifecycle.renew_lease(
+                        session,
+                        video_id=video_id,
+                        owner=owner,
+                        now=self._clock(),
+                        lease=self._settings.lease,
+                    )
+            except Exception as exc:  # the database may be briefly away; try again
+                log.warning("download.renew_failed error=%s", _describe(exc))
+                continue
+            if not held:
+                lost.set()
+                return
+
+    async def _abandon(self, video_id: uuid.UUID, owner: str, partial: Path) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(partial.unlink, True)
+            await self._release(video_id, owner, self._clock(), "stopped: cancelled")
+
+    async def _fetch(self, url: str, partial: Path, lost: asyncio.Event) -> tuple[int, str]:
         current = httpx.URL(url)
         for _hop in range(MAX_REDIRECTS + 1):
             rule = self._allow.match(current)
@@ -203,11 +265,11 @@ class Downloader:
                         raise Permanent("bad_redirect", "redirect without a Location header")
                     current = current.join(location)
                     continue
-                return await self._consume(video_id, owner, response, partial)
+                return await self._consume(response, partial, lost)
         raise Permanent("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
 
     async def _consume(
-        self, video_id: uuid.UUID, owner: str, response: httpx.Response, partial: Path
+        self, response: httpx.Response, partial: Path, lost: asyncio.Event
     ) -> tuple[int, str]:
         status = response.status_code
         if status in (408, 429) or status >= 500 or status in (403, 404, 410):
@@ -224,14 +286,11 @@ class Downloader:
         total = 0
         checked = False
         buffer = bytearray()
-        renew_every = self._settings.lease.total_seconds() / 3
-        loop = asyncio.get_running_loop()
-        next_renew = loop.time() + renew_every
         fh: IO[bytes] = await asyncio.to_thread(partial.open, "wb")
         try:
             async for chunk in response.aiter_bytes():
-                if self._stop.is_set():
-                    raise Stopped("shutdown")
+                if lost.is_set():
+                    raise Stopped("lease lost")
                 total += len(chunk)
                 if total > limit:
                     raise Permanent("too_large", f"clip exceeds MAX_VIDEO_BYTES ({limit} bytes)")
@@ -245,9 +304,6 @@ class Downloader:
                 if len(buffer) >= WRITE_CHUNK:
                     await asyncio.to_thread(_write, fh, hasher, bytes(buffer))
                     buffer.clear()
-                if loop.time() >= next_renew:
-                    await self._renew(video_id, owner)
-                    next_renew = loop.time() + renew_every
             if not checked:
                 raise Permanent("not_mp4", "the downloaded file is not an MP4 (too short)")
             if buffer:

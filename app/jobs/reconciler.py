@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import lifecycle
 from app.hiapi.client import HiapiClient
-from app.hiapi.errors import HiapiError
+from app.hiapi.errors import HiapiError, HiapiRejected
 from app.jobs.runner import JobRunner
 from app.jobs.submitter import SubmitPolicy, submit_video
 from app.logging import bind
@@ -38,7 +38,6 @@ __all__ = ["ReconcileStats", "Reconciler"]
 
 log = logging.getLogger(__name__)
 
-SUBMIT_HOLD = timedelta(seconds=120)
 POLL_HOLD = timedelta(seconds=120)
 SUBMIT_CONCURRENCY = 8
 
@@ -66,6 +65,7 @@ class Reconciler:
         batch_size: int,
         lease: timedelta,
         clock: Callable[[], datetime],
+        task_timeout: timedelta = timedelta(days=1),
     ) -> None:
         self._sm = sessionmaker
         self._hiapi = hiapi
@@ -76,6 +76,7 @@ class Reconciler:
         self._batch = batch_size
         self._lease = lease
         self._clock = clock
+        self._task_timeout = task_timeout
         self.totals = ReconcileStats()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -109,7 +110,7 @@ class Reconciler:
         return owner, rows
 
     async def _resubmit(self, stats: ReconcileStats) -> None:
-        _, videos = await self._claim(Status.queued, SUBMIT_HOLD)
+        _, videos = await self._claim(Status.queued, self._policy.in_flight_hold)
         slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
 
         async def submit(video: Video) -> None:
@@ -144,9 +145,21 @@ class Reconciler:
             error: str | None = None
             try:
                 task = await self._hiapi.get_task(video.task_id)
+            except HiapiRejected as exc:
+                if exc.status_code == 404:
+                    await self._give_up(video, "task_not_found", "hiapi no longer knows this task")
+                    return
+                error, task = f"{exc.code}: {exc.message}", None
             except HiapiError as exc:
-                error = exc.message
-                task = None
+                error, task = exc.message, None
+            submitted = video.submitted_at or video.created_at
+            if (task is None or task.status == "handling") and (
+                self._clock() - submitted > self._task_timeout
+            ):
+                await self._give_up(
+                    video, "task_timeout", "hiapi did not finish the task in TASK_TIMEOUT_SECONDS"
+                )
+                return
             if task is not None and task.status != "handling":
                 owner = uuid.uuid4().hex
                 async with self._sm() as session, session.begin():
@@ -187,6 +200,14 @@ class Reconciler:
                     error=error,
                     now=now,
                 )
+
+    async def _give_up(self, video: Video, code: str, message: str) -> None:
+        async with self._sm() as session, session.begin():
+            failed = await lifecycle.fail_processing(
+                session, video_id=video.id, code=code, message=message, now=self._clock()
+            )
+        if failed is not None:
+            log.warning("reconciler.gave_up code=%s", code)
 
     async def _resume_downloads(self, stats: ReconcileStats) -> None:
         owner, videos = await self._claim(Status.downloading, self._lease)

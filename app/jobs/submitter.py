@@ -41,6 +41,9 @@ class SubmitPolicy:
     poll_after: timedelta
     retry_base: float
     retry_max: float
+    # How long a row stays untouchable while its create call is in flight. If the process
+    # dies mid-call, the task may exist: this is as long as an ambiguous timeout waits.
+    in_flight_hold: timedelta
 
 
 @dataclass(frozen=True, slots=True)

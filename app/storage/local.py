@@ -35,12 +35,17 @@ class LocalStorage:
     def partial_path(self, video_id: uuid.UUID, owner: str) -> Path:
         return self.partial_dir / f"{video_id}.{owner}.part"
 
-    def discard_partials(self, video_id: uuid.UUID) -> int:
-        """Remove leftovers of earlier attempts (their leases have expired). Blocking."""
+    def discard_partials(self, video_id: uuid.UUID, *, keep: Path) -> int:
+        """Remove other attempts' leftovers of this video. Blocking.
+
+        The caller holds the lease, so every other partial file belongs to an attempt that
+        lost it: a crashed process, or a stalled one whose heartbeat will notice and stop.
+        """
         removed = 0
         for leftover in self.partial_dir.glob(f"{video_id}.*.part"):
-            leftover.unlink(missing_ok=True)
-            removed += 1
+            if leftover != keep:
+                leftover.unlink(missing_ok=True)
+                removed += 1
         return removed
 
     def commit(self, partial: Path, key: str) -> Path:
