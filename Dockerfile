@@ -14,7 +14,7 @@ WORKDIR /srv/videorelay
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY migrations ./migrations
-RUN pip install . \
+RUN pip install ".[s3]" \
     && useradd --system --uid 10001 --home-dir /srv/videorelay videorelay \
     && mkdir -p /data && chown videorelay /data
 

@@ -1,4 +1,4 @@
-"""The ``videorelay`` command: ``serve``, ``migrate`` and ``simulator``."""
+"""The ``videorelay`` command: ``serve``, ``migrate``, ``simulator`` and ``chaos``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from app import admin
 from app.auth import ApiKeys, ApiKeysError
 from app.config import ConfigError, Settings
 from app.logging import configure_logging
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
+    admin.add_parser(sub)
 
     sim = sub.add_parser("simulator", help="run a standalone fake hiapi")
     sim.add_argument("--host", default="127.0.0.1")
@@ -55,6 +57,57 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--pad-bytes", type=int, default=0, help="grow each MP4 by this many bytes")
     sim.add_argument("--no-fetch-images", action="store_true", help="always render a test frame")
     sim.add_argument("--seed", type=int, default=None)
+
+    chaos = sub.add_parser(
+        "chaos",
+        help="fault-injection run: simulator with faults, replicas killed and restarted, report",
+    )
+    chaos.add_argument("--videos", type=int, default=500, help="batch size (default 500)")
+    chaos.add_argument("--database", choices=("postgres", "sqlite"), default="postgres")
+    chaos.add_argument(
+        "--replicas", type=int, default=None, help="default: 2 on postgres, 1 on sqlite"
+    )
+    chaos.add_argument("--kills", type=int, default=5, help="SIGKILLs of a random replica")
+    chaos.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    chaos.add_argument("--json", dest="json_path", default=None, metavar="PATH")
+    chaos.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="limit for submitting and waiting until every video is terminal (default 900)",
+    )
+    chaos.add_argument("--concurrency", type=int, default=16, help="submits in flight")
+    chaos.add_argument(
+        "--keep", action="store_true", help="keep the scratch database and work directory"
+    )
+    chaos.add_argument(
+        "--pg-admin-dsn",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="where the scratch Postgres database is created and dropped",
+    )
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark the hot paths against baselines measured in the same run",
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="small and short, for CI: checks that it runs (1-2 minutes)",
+    )
+    bench.add_argument(
+        "--json",
+        dest="json_path",
+        default="bench-results.json",
+        metavar="PATH",
+        help="where to write the JSON results (default: bench-results.json)",
+    )
+    bench.add_argument(
+        "--database",
+        choices=("sqlite", "postgres", "both"),
+        default="both",
+        help="default both (SQLite only, with a note, if Postgres is unreachable)",
+    )
     return parser
 
 
@@ -65,6 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "migrate":
             return _migrate(Settings())
+        if args.command == "admin":
+            return admin.run(args, Settings())
+        if args.command == "chaos":
+            return _chaos(args)
+        if args.command == "bench":
+            return _bench(args)
         return _simulator(args)
     except ValidationError as exc:
         # Never echo the input: it holds HIAPI_KEY, WEBHOOK_SECRET and API_KEYS.
@@ -137,7 +196,9 @@ def _serve_simulated(args: argparse.Namespace, settings: Settings) -> int:
         print("videorelay: --simulate runs one worker (the simulator keeps tasks in memory)")
     _migrate(settings)
     simulator = create_simulator_app(
-        SimulatorConfig(public_base_url=f"{local}/simulator", latency_seconds=2.0)
+        SimulatorConfig(
+            public_base_url=f"{local}/simulator", latency_seconds=2.0, allow_http_image_urls=True
+        )
     )
     print(
         f"\nvideorelay is running with the hiapi simulator at {local}\n"
@@ -179,6 +240,24 @@ def _simulator(args: argparse.Namespace) -> int:
     print(f"hiapi simulator listening on {config.public_base_url}", flush=True)
     uvicorn.run(create_simulator_app(config), host=args.host, port=args.port, log_config=None)
     return 0
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    from app import chaos
+
+    return chaos.run_from_args(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from app.bench.runner import BenchError, run_bench
+
+    try:
+        return run_bench(quick=args.quick, json_path=Path(args.json_path), database=args.database)
+    except BenchError as exc:
+        print(f"videorelay bench: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

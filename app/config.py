@@ -5,11 +5,14 @@ The README's configuration table documents exactly these fields.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.storage import StorageLocation, parse_storage_url
 
 __all__ = ["ConfigError", "Settings"]
 
@@ -39,6 +42,17 @@ class Settings(BaseSettings):
     DATABASE_URL: str = Field(default=DEFAULT_DATABASE_URL)
     DATABASE_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0)
     STORAGE_DIR: Path = Field(default=Path("./data/videos"))
+    STORAGE_URL: str | None = Field(
+        default=None,
+        description="`file://<path>` or `s3://bucket/prefix`; unset = `file://` + STORAGE_DIR.",
+    )
+    S3_ENDPOINT_URL: str | None = Field(
+        default=None, description="S3 API endpoint for MinIO, R2, ...; unset = AWS S3."
+    )
+    S3_REGION: str = Field(default="us-east-1", min_length=1)
+    S3_PRESIGN_SECONDS: int = Field(
+        default=300, ge=1, le=604800, description="Lifetime of a presigned content URL."
+    )
     DOWNLOAD_ALLOWED_HOSTS: str = Field(default="*.hiapi.ai")
     MAX_VIDEO_BYTES: int = Field(default=512 * 1024 * 1024, gt=0)
     DOWNLOAD_LEASE_SECONDS: float = Field(default=60.0, gt=0)
@@ -63,7 +77,23 @@ class Settings(BaseSettings):
     DAILY_VIDEO_SECONDS_LIMIT: int = Field(
         default=0, ge=0, description="Video-seconds per API key per UTC day; 0 = no limit."
     )
+    NOTIFY_SECRET: SecretStr | None = Field(
+        default=None,
+        description="Signs notify_url deliveries (Standard Webhooks); `whsec_<base64>` or text.",
+    )
+    NOTIFY_MAX_ATTEMPTS: int = Field(default=12, ge=1)
+    NOTIFY_ALLOW_LOCAL: bool = Field(
+        default=False, description="Allow http:// and private addresses in notify_url (dev)."
+    )
+    IMAGE_MAX_BYTES: int = Field(default=20 * 1024 * 1024, gt=0)
+    IMAGE_RETENTION_SECONDS: float = Field(default=7 * 86400.0, ge=0)
+    EVENTS_POLL_SECONDS: float = Field(default=0.5, gt=0)
     CORS_ORIGINS: str = Field(default="", description="Comma-separated origins, or `*`.")
+
+    @field_validator("STORAGE_URL", "S3_ENDPOINT_URL", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -71,6 +101,19 @@ class Settings(BaseSettings):
             raise ConfigError("WEBHOOK_SECRET must be at least 16 characters long")
         if not self.PUBLIC_BASE_URL.startswith(("http://", "https://")):
             raise ConfigError("PUBLIC_BASE_URL must start with http:// or https://")
+        try:
+            location = self.storage_location
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if location.scheme == "s3" and importlib.util.find_spec("aioboto3") is None:
+            raise ConfigError(
+                "STORAGE_URL is s3://... but aioboto3 is not installed; "
+                "install the s3 extra: pip install 'videorelay[s3]'"
+            )
+        if self.S3_ENDPOINT_URL is not None and not self.S3_ENDPOINT_URL.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError("S3_ENDPOINT_URL must start with http:// or https://")
         return self
 
     def require_production_secrets(self) -> None:
@@ -89,6 +132,12 @@ class Settings(BaseSettings):
                 + "; ".join(missing)
                 + ". Set them in the environment or .env, or run `videorelay serve --simulate`."
             )
+
+    @property
+    def storage_location(self) -> StorageLocation:
+        if self.STORAGE_URL is None:
+            return StorageLocation(scheme="file", path=self.STORAGE_DIR)
+        return parse_storage_url(self.STORAGE_URL)
 
     @property
     def public_base(self) -> str:

@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app import lifecycle
 from app.auth import ApiKeys
 from app.config import Settings
 from app.hiapi.client import HiapiClient
 from app.jobs.downloader import Downloader, DownloadSettings
 from app.jobs.hosts import HostAllowlist
+from app.jobs.notifier import Notifier, secret_bytes
 from app.jobs.reconciler import Reconciler
 from app.jobs.runner import JobRunner
 from app.jobs.submitter import SubmitPolicy
+from app.metrics import METRICS
+from app.schemas import VideoOut
 from app.security import callback_url
-from app.storage import LocalStorage
+from app.storage import Storage, open_storage
 
 __all__ = ["AppContext", "build_context"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,7 +43,7 @@ class AppContext:
     hiapi_http: httpx.AsyncClient
     download_http: httpx.AsyncClient
     hiapi: HiapiClient
-    storage: LocalStorage
+    storage: Storage
     runner: JobRunner
     reconciler: Reconciler
     submit_policy: SubmitPolicy
@@ -43,6 +52,7 @@ class AppContext:
     head_revision: str | None
     stop: asyncio.Event
     api_keys: ApiKeys
+    notifier: Notifier
     shutting_down: bool = False
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -53,12 +63,18 @@ class AppContext:
         return f"{self.settings.public_base}/v1/videos/{video_id}/content"
 
     @property
+    def images_root(self) -> Path:
+        """Uploaded stills live on the local (or mounted) STORAGE_DIR, whatever the clip store."""
+        return self.settings.STORAGE_DIR.resolve()
+
+    @property
     def lease(self) -> timedelta:
         return timedelta(seconds=self.settings.DOWNLOAD_LEASE_SECONDS)
 
     async def aclose(self) -> None:
         await self.hiapi_http.aclose()
         await self.download_http.aclose()
+        await self.storage.aclose()
         await self.engine.dispose()
 
 
@@ -88,7 +104,8 @@ def build_context(
         limits=httpx.Limits(max_connections=settings.DOWNLOAD_CONCURRENCY * 2),
     )
     stop = asyncio.Event()
-    storage = LocalStorage(settings.STORAGE_DIR)
+    storage = open_storage(settings)
+    log.info("storage.configured url=%s", storage.url)
     lease = timedelta(seconds=settings.DOWNLOAD_LEASE_SECONDS)
     downloader = Downloader(
         sessionmaker=sessionmaker,
@@ -115,7 +132,11 @@ def build_context(
             seconds=max(settings.RECONCILE_AFTER_SECONDS, 2 * settings.HIAPI_TIMEOUT_SECONDS)
         ),
     )
-    hiapi = HiapiClient(hiapi_http, api_key=api_key)
+    hiapi = HiapiClient(
+        hiapi_http,
+        api_key=api_key,
+        observe=lambda endpoint, result: METRICS.upstream.labels(endpoint, result).inc(),
+    )
 
     def make_callback_url(video_id: uuid.UUID) -> str:
         return callback_url(settings.public_base, secret, video_id)
@@ -131,6 +152,36 @@ def build_context(
         lease=lease,
         clock=clock,
         task_timeout=timedelta(seconds=settings.TASK_TIMEOUT_SECONDS),
+        poll_hold=timedelta(
+            seconds=2 * settings.HIAPI_TIMEOUT_SECONDS + settings.RECONCILE_INTERVAL_SECONDS
+        ),
+        images_root=settings.STORAGE_DIR.resolve(),
+        image_retention=timedelta(seconds=settings.IMAGE_RETENTION_SECONDS),
+    )
+
+    async def render(video_id: uuid.UUID) -> dict[str, Any] | None:
+        async with sessionmaker() as session:
+            video = await lifecycle.get(session, video_id)
+            if video is None:
+                return None
+            note = await lifecycle.latest_notification(session, video_id)
+        return VideoOut.of(video, public_base=settings.public_base, notification=note).model_dump(
+            mode="json"
+        )
+
+    notifier = Notifier(
+        sessionmaker=sessionmaker,
+        http=download_http,
+        secret=secret_bytes(settings.NOTIFY_SECRET.get_secret_value())
+        if settings.NOTIFY_SECRET
+        else None,
+        render=render,
+        max_attempts=settings.NOTIFY_MAX_ATTEMPTS,
+        allow_local=settings.NOTIFY_ALLOW_LOCAL,
+        retry_base=retry_base,
+        retry_max=retry_max,
+        interval=min(1.0, settings.RECONCILE_INTERVAL_SECONDS),
+        clock=clock,
     )
     return AppContext(
         settings=settings,
@@ -148,4 +199,5 @@ def build_context(
         head_revision=head_revision,
         stop=stop,
         api_keys=ApiKeys.load(settings.API_KEYS.get_secret_value(), settings.API_KEYS_FILE),
+        notifier=notifier,
     )

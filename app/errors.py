@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.schemas import FIELD_HINTS
+from app.storage import StorageError
 
 __all__ = ["AppError", "register_exception_handlers"]
 
@@ -84,11 +85,16 @@ def _validation_message(err: dict[str, Any]) -> str:
     field = _field_name(tuple(err.get("loc", ())))
     kind = err.get("type", "")
     if kind == "extra_forbidden":
-        return f"{field}: unknown field; allowed fields are image_url, prompt, resolution, duration"
+        return (
+            f"{field}: unknown field; allowed fields are image_url (or image_id), prompt, "
+            "resolution, duration, notify_url"
+        )
     if kind == "missing":
         return f"{field}: field required"
     if kind == "json_invalid":
         return "body: not valid JSON"
+    if kind == "missing_one_of":
+        return f"{field}: {err.get('msg')}"
     if field in FIELD_HINTS and "body" in tuple(err.get("loc", ())):
         return f"{field}: {FIELD_HINTS[field]} (got {_shown(err.get('input'))})"
     msg = str(err.get("msg", "invalid value"))
@@ -148,6 +154,15 @@ def register_exception_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body("internal_error", "an unexpected error occurred; it has been logged"),
             status_code=500,
+        )
+
+    @app.exception_handler(StorageError)
+    async def _storage_down(_: Request, exc: StorageError) -> JSONResponse:
+        log.error("storage.unavailable error=%s", exc)
+        return JSONResponse(
+            error_body("storage_unavailable", "the clip store is unavailable; retry shortly"),
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(OperationalError)

@@ -13,7 +13,13 @@ __all__ = ["install_http_policies"]
 # JSON and MP4 responses never need scripts, frames or plugins. /docs loads Swagger UI from
 # a CDN, so it gets no CSP here.
 API_CSP = b"default-src 'none'; frame-ancestors 'none'; sandbox"
+# The playground loads its own script and style and plays clips from blob: URLs.
+PAGE_CSP = (
+    b"default-src 'self'; img-src 'self' blob: data: https:; media-src 'self' blob:; "
+    b"style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'"
+)
 DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
+PAGE_PATHS = ("/static/",)
 
 
 class SecurityHeaders:
@@ -27,7 +33,9 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        docs = str(scope.get("path", "")).startswith(DOCS_PATHS)
+        path = str(scope.get("path", ""))
+        docs = path.startswith(DOCS_PATHS)
+        page = path == "/" or path.startswith(PAGE_PATHS)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -38,7 +46,9 @@ class SecurityHeaders:
                     (b"referrer-policy", b"no-referrer"),
                     (b"x-frame-options", b"DENY"),
                 ]
-                if not docs:
+                if page:
+                    extra.append((b"content-security-policy", PAGE_CSP))
+                elif not docs:
                     extra.append((b"content-security-policy", API_CSP))
                 if self.hsts:
                     extra.append((b"strict-transport-security", b"max-age=31536000"))

@@ -25,10 +25,11 @@ from typing import Any
 from sqlalchemy import and_, case, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from app.db import UTCDateTime
 from app.hiapi.schemas import Task, TaskStatus
-from app.models import DailySpend, Status, Via, Video
+from app.models import DailySpend, Notification, NotifyStatus, Status, Via, Video
 
 __all__ = [
     "ApplyOutcome",
@@ -61,6 +62,8 @@ class NewVideo:
     prompt: str | None
     resolution: str
     duration: int
+    image_id: uuid.UUID | None = None
+    notify_url: str | None = None
 
 
 class Created(StrEnum):
@@ -75,7 +78,8 @@ class ApplyOutcome(StrEnum):
     adopted = "adopted"  # a handling task was recorded for a video that had no task id yet
     pending = "pending"  # the task is still running; nothing changed
     duplicate = "duplicate"  # already applied (or video already terminal): nothing to do
-    foreign_task = "foreign_task"  # the task id belongs to something else: rejected
+    stale_task = "stale_task"  # another task of this video, no longer the one that counts
+    foreign_task = "foreign_task"  # the task id belongs to another video: rejected
 
 
 async def create_video(
@@ -99,6 +103,8 @@ async def create_video(
         "prompt": params.prompt,
         "resolution": params.resolution,
         "duration": params.duration,
+        "image_id": params.image_id,
+        "notify_url": params.notify_url,
         "owner": owner,
         "idempotency_key": idempotency_key,
         "due_at": now + submit_hold,
@@ -131,12 +137,13 @@ async def create_video(
     ).scalar_one()
     if inserted is not None:
         return existing, Created.created
-    same = (existing.image_url, existing.prompt, existing.resolution, existing.duration) == (
-        params.image_url,
-        params.prompt,
-        params.resolution,
-        params.duration,
-    )
+    same = (
+        existing.image_url,
+        existing.prompt,
+        existing.resolution,
+        existing.duration,
+        existing.notify_url,
+    ) == (params.image_url, params.prompt, params.resolution, params.duration, params.notify_url)
     return existing, (Created.replayed if same else Created.conflict)
 
 
@@ -149,6 +156,27 @@ async def _update_returning(session: AsyncSession, where: Any, **values: Any) ->
     stmt = update(Video).where(where).values(**values).returning(Video)
     result = await session.execute(stmt, execution_options={"synchronize_session": False})
     return result.scalar_one_or_none()
+
+
+async def _finish(session: AsyncSession, where: Any, now: datetime, **values: Any) -> Video | None:
+    """A transition into ``ready`` or ``failed``. In the same transaction, queue the
+    notify_url delivery: it is sent if and only if the video really ended."""
+    video = await _update_returning(session, where, **values)
+    if video is not None and video.notify_url:
+        session.add(
+            Notification(
+                id=uuid.uuid4(),
+                video_id=video.id,
+                url=video.notify_url,
+                event=f"video.{video.status}",
+                status=NotifyStatus.pending.value,
+                attempts=0,
+                due_at=now,
+                created_at=now,
+            )
+        )
+        await session.flush()
+    return video
 
 
 async def get(session: AsyncSession, video_id: uuid.UUID) -> Video | None:
@@ -237,9 +265,10 @@ async def record_submit_rejected(
     session: AsyncSession, *, video_id: uuid.UUID, code: str, message: str, now: datetime
 ) -> Video | None:
     """hiapi refused the task (400/401): final, never retried; its seconds are refunded."""
-    failed = await _update_returning(
+    failed = await _finish(
         session,
         _submittable(video_id),
+        now,
         status=Status.failed,
         error_code=code,
         error_message=message,
@@ -337,17 +366,27 @@ async def apply_task(
     if task.status == TaskStatus.success and task.output:
         out = task.output[0]
         expires = datetime.fromtimestamp(out.expireAt, UTC) if out.expireAt else None
-        won = await _update_returning(
-            session,
-            belongs,
-            status=Status.downloading,
-            output_url=out.url,
-            output_expires_at=expires,
-            due_at=now + lease,
-            lease_owner=owner,
-            download_attempts=1,
+        success: dict[str, Any] = {
+            "status": Status.downloading,
+            "output_url": out.url,
+            "output_expires_at": expires,
+            "due_at": now + lease,
+            "lease_owner": owner,
+            "download_attempts": 1,
             **common,
-        )
+        }
+        won = await _update_returning(session, belongs, **success)
+        if won is None:
+            # A finished clip of an earlier task of this video (its create was ambiguous, so
+            # we never stored its id) arrives on the video's own signed URL: keep it rather
+            # than lose a paid clip, unless the video already has one on the way.
+            won = await _update_returning(
+                session,
+                _replaceable_by(video_id, task.taskId),
+                error_code=None,
+                error_message=None,
+                **success,
+            )
         outcome = ApplyOutcome.download_claimed
     else:
         if task.status == TaskStatus.success:
@@ -356,9 +395,10 @@ async def apply_task(
             err = task.error
             code = err.code if err else "unknown"
             message = err.message if err else "hiapi reported the task as failed"
-        won = await _update_returning(
+        won = await _finish(
             session,
             belongs,
+            now,
             status=Status.failed,
             error_code=code,
             error_message=message,
@@ -371,6 +411,24 @@ async def apply_task(
     return await _explain_noop(session, video_id, task, ApplyOutcome.duplicate)
 
 
+def _replaceable_by(video_id: uuid.UUID, task_id: str) -> Any:
+    """The video runs (or failed on) a different task, and ``task_id`` is no other video's."""
+    failed_by_task = and_(
+        Video.status == Status.failed,
+        Video.task_finished_at.is_not(None),
+        Video.output_url.is_(None),
+    )
+    other = aliased(Video)  # not correlated with the row being updated
+    taken = select(other.id).where(other.task_id == task_id).exists()
+    return and_(
+        Video.id == video_id,
+        Video.task_id.is_not(None),
+        Video.task_id != task_id,
+        or_(Video.status.in_(WAITING_FOR_TASK), failed_by_task),
+        ~taken,
+    )
+
+
 async def _explain_noop(
     session: AsyncSession, video_id: uuid.UUID, task: Task, default: ApplyOutcome
 ) -> tuple[ApplyOutcome, Video | None]:
@@ -378,7 +436,12 @@ async def _explain_noop(
     if video is None:
         return ApplyOutcome.foreign_task, None
     if video.task_id is not None and video.task_id != task.taskId:
-        return ApplyOutcome.foreign_task, video
+        owner = (
+            await session.execute(select(Video.id).where(Video.task_id == task.taskId))
+        ).scalar_one_or_none()
+        if owner is not None and owner != video_id:
+            return ApplyOutcome.foreign_task, video
+        return ApplyOutcome.stale_task, video
     return default, video
 
 
@@ -386,9 +449,10 @@ async def fail_processing(
     session: AsyncSession, *, video_id: uuid.UUID, code: str, message: str, now: datetime
 ) -> Video | None:
     """End a video whose task hiapi no longer knows, or that ran far too long."""
-    return await _update_returning(
+    return await _finish(
         session,
         and_(Video.id == video_id, Video.status == Status.processing),
+        now,
         status=Status.failed,
         error_code=code,
         error_message=message,
@@ -500,9 +564,10 @@ async def mark_ready(
     storage_key: str,
     now: datetime,
 ) -> Video | None:
-    return await _update_returning(
+    return await _finish(
         session,
         _holds_lease(video_id, owner),
+        now,
         status=Status.ready,
         size_bytes=size_bytes,
         sha256=sha256,
@@ -549,12 +614,155 @@ async def fail_download(
         if owner is not None
         else and_(Video.id == video_id, Video.status == Status.downloading)
     )
-    return await _update_returning(
+    return await _finish(
         session,
         where,
+        now,
         status=Status.failed,
         error_code=code,
         error_message=message,
         lease_owner=None,
         updated_at=now,
     )
+
+
+# --- notifications (notify_url outbox) ----------------------------------------------------
+
+
+async def claim_notifications(
+    session: AsyncSession, *, now: datetime, hold: timedelta, owner: str, limit: int
+) -> list[Notification]:
+    """Take due deliveries; same single-statement claim as ``claim_due``."""
+    due = (
+        select(Notification.id)
+        .where(Notification.status == NotifyStatus.pending, Notification.due_at <= now)
+        .order_by(Notification.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(Notification)
+        .where(
+            Notification.id.in_(due),
+            Notification.status == NotifyStatus.pending,
+            Notification.due_at <= now,
+        )
+        .values(due_at=now + hold, lease_owner=owner)
+        .returning(Notification)
+    )
+    result = await session.execute(stmt, execution_options={"synchronize_session": False})
+    return list(result.scalars().all())
+
+
+async def record_delivery(
+    session: AsyncSession,
+    *,
+    notification_id: uuid.UUID,
+    owner: str,
+    delivered: bool,
+    status_code: int | None,
+    error: str | None,
+    retry_at: datetime | None,
+    now: datetime,
+) -> None:
+    """Store one delivery attempt; ``retry_at=None`` after a failure means: give up."""
+    if delivered:
+        status, due = NotifyStatus.delivered, now
+    elif retry_at is None:
+        status, due = NotifyStatus.failed, now
+    else:
+        status, due = NotifyStatus.pending, retry_at
+    await session.execute(
+        update(Notification)
+        .where(Notification.id == notification_id, Notification.lease_owner == owner)
+        .values(
+            status=status.value,
+            due_at=due,
+            lease_owner=None,
+            attempts=Notification.attempts + 1,
+            last_attempt_at=now,
+            last_status_code=status_code,
+            last_error=error,
+            delivered_at=now if delivered else None,
+        )
+    )
+
+
+async def latest_notification(session: AsyncSession, video_id: uuid.UUID) -> Notification | None:
+    stmt = (
+        select(Notification)
+        .where(Notification.video_id == video_id)
+        .order_by(Notification.created_at.desc())
+        .limit(1)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+# --- operator actions (videorelay admin) --------------------------------------------------
+
+
+class AdminError(Exception):
+    """The action does not apply to the video in its current state."""
+
+
+async def admin_retry(session: AsyncSession, *, video_id: uuid.UUID, now: datetime) -> Video:
+    """Make the reconciler act on a video at its next tick: resubmit a queued one, resume a
+    download, or re-run a failed download whose output URL has not expired yet."""
+    video = await get(session, video_id)
+    if video is None:
+        raise AdminError(f"no video {video_id}")
+    if video.status == Status.failed and video.output_url:
+        if video.output_expires_at is not None and video.output_expires_at <= now:
+            raise AdminError("the output URL has expired; the clip can no longer be fetched")
+        values: dict[str, Any] = {
+            "status": Status.downloading,
+            "error_code": None,
+            "error_message": None,
+        }
+    elif video.status in (Status.queued, Status.downloading):
+        values = {}
+    else:
+        raise AdminError(
+            f"video is {video.status}; retry applies to queued and downloading videos and to "
+            "failed downloads (use repoll for processing videos)"
+        )
+    updated = await _update_returning(
+        session,
+        and_(Video.id == video_id, Video.status == video.status),
+        due_at=now,
+        lease_owner=None,
+        updated_at=now,
+        **values,
+    )
+    if updated is None:
+        raise AdminError("the video changed meanwhile; look again")
+    return updated
+
+
+async def admin_repoll(session: AsyncSession, *, video_id: uuid.UUID, now: datetime) -> Video:
+    """Poll hiapi for a processing video at the next tick instead of waiting."""
+    updated = await _update_returning(
+        session,
+        and_(Video.id == video_id, Video.status == Status.processing),
+        due_at=now,
+        lease_owner=None,
+        updated_at=now,
+    )
+    if updated is None:
+        video = await get(session, video_id)
+        state = video.status if video else "missing"
+        raise AdminError(f"video is {state}; repoll applies to processing videos only")
+    return updated
+
+
+async def stuck(session: AsyncSession, *, now: datetime, older_than: timedelta) -> list[Video]:
+    """Videos not yet ready or failed whose last change is older than ``older_than``."""
+    stmt = (
+        select(Video)
+        .where(Video.status.notin_((Status.ready, Status.failed)))
+        .where(Video.updated_at < now - older_than)
+        .order_by(Video.created_at)
+        .limit(500)
+    )
+    return list((await session.execute(stmt)).scalars())

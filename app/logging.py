@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +34,8 @@ class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         ctx = _context.get()
         extra = {k: getattr(record, k) for k in ("video_id", "task_id") if hasattr(record, k)}
-        fields = {**ctx, **extra}
+        fields = {**ctx, **{k: str(v) for k, v in extra.items()}}
+        record.fields = fields
         record.ctx = "".join(f" {k}={v}" for k, v in fields.items())
         return True
 
@@ -46,19 +49,48 @@ def redact(text: str) -> str:
 
 
 class _RedactFilter(logging.Filter):
+    """Redacts the finished message, so a token is caught wherever it was interpolated."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True  # let the handler report the broken call as usual
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
         return True
 
 
-def configure_logging(level: str = "INFO") -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC), level, logger, message, and the bound ids."""
+
+    converter = time.gmtime  # type: ignore[assignment]  # typeshed types gmtime too narrowly
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """``fmt`` is ``text`` (readable lines) or ``json`` (for log shippers), from LOG_FORMAT."""
     handler = logging.StreamHandler()
     handler.addFilter(_RedactFilter())
     handler.addFilter(_ContextFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s%(ctx)s"))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s%(ctx)s")
+        )
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_videorelay", False):
@@ -67,3 +99,6 @@ def configure_logging(level: str = "INFO") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # botocore's DEBUG lines carry signed request headers (the access key id, the signature).
+    for name in ("botocore", "aiobotocore", "aioboto3"):
+        logging.getLogger(name).setLevel(logging.WARNING)

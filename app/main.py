@@ -16,7 +16,7 @@ from datetime import datetime
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import health, videos, webhooks
+from app.api import health, images, playground, videos, webhooks
 from app.config import Settings
 from app.context import build_context
 from app.db import create_engine, create_sessionmaker, utc_now
@@ -72,6 +72,7 @@ def create_app(
                 log.info("service.api_keys count=%d", len(ctx.api_keys.names))
             if run_reconciler:
                 ctx.background.append(asyncio.create_task(ctx.reconciler.run(ctx.stop)))
+                ctx.background.append(asyncio.create_task(ctx.notifier.run(ctx.stop)))
             log.info("service.started public_base=%s", settings.public_base)
             try:
                 yield
@@ -92,8 +93,12 @@ def create_app(
     register_exception_handlers(app)
     install_http_policies(app, settings)
     app.include_router(videos.router)
+    app.include_router(images.router)
+    app.include_router(images.public_router)
     app.include_router(webhooks.router)
     app.include_router(health.router)
+    app.include_router(playground.router)
+    app.mount("/static", playground.static_files(), name="static")
     if simulator is not None:
         app.mount("/simulator", simulator)
     return app

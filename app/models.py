@@ -1,4 +1,5 @@
-"""The ``videos`` table: one row per requested clip, from submit to stored file."""
+"""Tables: ``videos`` (one row per requested clip, from submit to stored file), ``images``
+(uploaded stills), ``notifications`` (the notify_url outbox) and ``daily_spend``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Date,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -22,7 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.db import UTCDateTime
 
-__all__ = ["Base", "DailySpend", "Status", "Video"]
+__all__ = ["Base", "DailySpend", "Image", "Notification", "NotifyStatus", "Status", "Video"]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -83,6 +85,9 @@ class Video(Base):
     owner: Mapped[str] = mapped_column(String(100), default="", server_default="")
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
 
+    image_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("images.id"))
+    notify_url: Mapped[str | None] = mapped_column(Text)
+
     task_id: Mapped[str | None] = mapped_column(String(200), unique=True)
     error_code: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -120,3 +125,55 @@ class DailySpend(Base):
     owner: Mapped[str] = mapped_column(String(100), primary_key=True)
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     video_seconds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class Image(Base):
+    """A still uploaded through ``POST /v1/images``, served to hiapi at an unguessable URL."""
+
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_created_at", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100), default="", server_default="")
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    content_type: Mapped[str] = mapped_column(String(32))
+    extension: Mapped[str] = mapped_column(String(8))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class NotifyStatus(StrEnum):
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
+class Notification(Base):
+    """Outbox of ``notify_url`` deliveries: written in the transaction that ends the video,
+    delivered (signed, retried with backoff) by the notifier loop of any replica."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="status"),
+        Index("ix_notifications_status_due_at", "status", "due_at"),
+        Index("ix_notifications_video_id", "video_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    video_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("videos.id"))
+    url: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

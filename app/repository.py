@@ -11,7 +11,7 @@ from sqlalchemy import Uuid, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import UTCDateTime
-from app.models import Video
+from app.models import Notification, Video
 
 __all__ = ["BadCursor", "decode_cursor", "encode_cursor", "list_videos"]
 
@@ -56,3 +56,17 @@ async def list_videos(
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (encode_cursor(rows[-1]) if more and rows else None)
+
+
+async def notifications_for(
+    session: AsyncSession, video_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, Notification]:
+    """The notify_url delivery of each video (a video ends, and is notified, once)."""
+    if not video_ids:
+        return {}
+    rows = await session.execute(
+        select(Notification)
+        .where(Notification.video_id.in_(video_ids))
+        .order_by(Notification.created_at)
+    )
+    return {note.video_id: note for note in rows.scalars()}

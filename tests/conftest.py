@@ -98,7 +98,7 @@ async def database_url(
     dsn = url.replace("postgresql+asyncpg://", "postgresql://")
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("TRUNCATE videos, daily_spend")
+        await conn.execute("TRUNCATE videos, daily_spend, images, notifications")
     finally:
         await conn.close()
     yield url

@@ -239,17 +239,57 @@ class TestWebhook:
         assert response.json()["error"]["code"] == "bad_callback"
         assert (await service.get(video["id"]))["status"] == "processing"
 
-    async def test_callback_for_another_task_is_409(self, service: Service, sim: Sim):
+    async def test_callback_with_another_videos_task_is_409(self, service: Service, sim: Sim):
         sim.set(callback_drop_rate=1.0)
-        video = await service.submit()
+        mine, other = await service.submit(), await service.submit()
         task = {
-            "taskId": "tk-someone-else",
+            "taskId": other["task_id"],
             "status": "fail",
             "error": {"code": "x", "message": "y"},
         }
-        response = await service.client.post(callback_path(video["id"]), json=task)
+        response = await service.client.post(callback_path(mine["id"]), json=task)
         assert response.status_code == 409
+        assert response.json()["error"]["code"] == "foreign_task"
+        assert (await service.get(mine["id"]))["status"] == "processing"
+        assert (await service.get(other["id"]))["status"] == "processing"
+
+    async def test_failure_of_a_stale_task_of_this_video_changes_nothing(
+        self, service: Service, sim: Sim
+    ):
+        sim.set(callback_drop_rate=1.0)
+        video = await service.submit()
+        task = {"taskId": "tk-earlier", "status": "fail", "error": {"code": "x", "message": "y"}}
+        response = await service.client.post(callback_path(video["id"]), json=task)
+        assert response.status_code == 200
+        assert response.json()["outcome"] == "stale_task"
         assert (await service.get(video["id"]))["status"] == "processing"
+
+    async def test_success_of_an_earlier_task_rescues_a_failed_video(
+        self, service: Service, sim: Sim
+    ):
+        # An ambiguous first create made task A, whose id we never stored; task B (the
+        # retry) failed. A's success callback still arrives on the video's signed URL:
+        # the paid clip is kept instead of lost.
+        sim.set(callback_drop_rate=1.0, latency_seconds=30)
+        video = await service.submit()
+        earlier = (await service.submit())["task_id"]  # any real task with a real output
+        await sim.client.post(f"/_sim/tasks/{video['task_id']}/complete?outcome=fail")
+        failed_task = (
+            await sim.client.get(
+                f"/v1/tasks/{video['task_id']}", headers={"Authorization": "Bearer sk-x"}
+            )
+        ).json()
+        await service.client.post(callback_path(video["id"]), json=failed_task)
+        assert (await service.get(video["id"]))["status"] == "failed"
+        # Forge "task A": a finished task whose id no video has stored.
+        done = (await sim.client.post(f"/_sim/tasks/{earlier}/complete?outcome=success")).json()
+        data = done.get("data", done)
+        rescue = {**data, "taskId": "tk-ambiguous-first-create"}
+        response = await service.client.post(callback_path(video["id"]), json=rescue)
+        assert response.json()["outcome"] == "download_claimed"
+        ready = await service.wait_for(video["id"], "ready")
+        assert ready["task_id"] == "tk-ambiguous-first-create"
+        assert ready["error"] is None
 
     async def test_oversized_callback_is_413(self, service: Service, sim: Sim):
         sim.set(callback_drop_rate=1.0)

@@ -121,8 +121,19 @@ class TestApplyTask:
 
     async def test_task_of_another_video_is_foreign(self, sm):
         video = await new_video(sm, task_id="tk-3")
+        await new_video(sm, task_id="tk-other")
         assert await apply(sm, video.id, success("tk-other")) == lifecycle.ApplyOutcome.foreign_task
         assert (await reload(sm, video.id)).status == Status.processing
+
+    async def test_success_of_an_unstored_task_of_this_video_is_kept(self, sm):
+        video = await new_video(sm, task_id="tk-b")
+        failed = Task.model_validate({"taskId": "tk-b", "status": "fail"})
+        assert await apply(sm, video.id, failed) == lifecycle.ApplyOutcome.failed
+        assert await apply(sm, video.id, success("tk-a")) == lifecycle.ApplyOutcome.download_claimed
+        row = await reload(sm, video.id)
+        assert (row.status, row.task_id, row.error_code) == (Status.downloading, "tk-a", None)
+        # and once a clip is on its way, neither task can change that
+        assert await apply(sm, video.id, success("tk-b")) == lifecycle.ApplyOutcome.stale_task
 
     async def test_handling_task_adopts_missing_task_id_only(self, sm):
         video = await new_video(sm, hold=60)

@@ -1,5 +1,7 @@
 """Property tests: any interleaving of callbacks, polls, submit outcomes and download steps
-ends in one terminal state with at most one download.
+keeps the state machine's promises: at most one download is ever claimed and at most one
+completes; ``ready`` is final; ``failed`` is final except that the success of another task of
+the same video (an earlier, ambiguous create) may still rescue it into ``downloading``.
 
 Each example drives one fresh video through the real ``lifecycle`` functions on a real
 database (SQLite and Postgres), sometimes firing several events at once on separate sessions.
@@ -29,7 +31,7 @@ PARAMS = lifecycle.NewVideo(
 TERMINAL = {Status.ready.value, Status.failed.value}
 
 task_status = st.sampled_from(["success", "fail", "handling"])
-task_name = st.sampled_from(["A", "A", "A", "B"])  # mostly ours, sometimes a foreign task
+task_name = st.sampled_from(["A", "A", "A", "B"])  # mostly the stored task, sometimes another
 event = st.one_of(
     st.tuples(st.just("callback"), task_status, task_name),
     st.tuples(st.just("poll"), task_status, task_name),
@@ -163,18 +165,15 @@ async def check_interleaving(url: str, steps: list[list[tuple[str, str, str]]]) 
                 submit_hold=timedelta(0),
             )
         run = Run(sm=sm, video_id=video.id, run=uuid.uuid4().hex[:8])
-        terminal: str | None = None
-        task_id: str | None = None
+        previous: str | None = None
         for group in steps:
             await asyncio.gather(*(run.fire(*e) for e in group))
-            status, current_task = await run.status()
-            if terminal is not None:
-                assert status == terminal, f"terminal state changed {terminal} -> {status}"
-            if status in TERMINAL:
-                terminal = status
-            if task_id is not None:
-                assert current_task == task_id, "task id changed once set"
-            task_id = current_task
+            status, _ = await run.status()
+            if previous == Status.ready:
+                assert status == Status.ready, f"ready changed to {status}"
+            if previous == Status.failed:
+                assert status in (Status.failed, Status.downloading), f"failed -> {status}"
+            previous = status
         assert run.downloads_started <= 1, "two downloads claimed by task results"
         assert run.downloads_completed <= 1, "marked ready twice"
         status, _ = await run.status()

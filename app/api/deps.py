@@ -14,7 +14,8 @@ from app.errors import AppError
 __all__ = ["CallerDep", "ContextDep", "SessionDep"]
 
 
-def get_context(request: Request) -> AppContext:
+async def get_context(request: Request) -> AppContext:
+    # async on purpose: a sync dependency would run in the thread pool on every request.
     ctx: AppContext = request.app.state.ctx
     return ctx
 
@@ -30,7 +31,7 @@ async def get_session(ctx: ContextDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-def get_caller(
+async def get_caller(
     ctx: ContextDep,
     authorization: Annotated[
         str | None,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.deps import ContextDep
+from app.metrics import METRICS
 
 __all__ = ["router"]
 
@@ -42,6 +44,26 @@ async def readyz(ctx: ContextDep) -> JSONResponse:
             "run `videorelay migrate`",
         )
     return JSONResponse({"status": "ready", "revision": current})
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    description=(
+        "Counters of this process (submits, upstream requests, callbacks, recovered callbacks, "
+        "downloads, notifications) and gauges read from the database (videos by status, "
+        "oldest in-flight video). Expose it on the internal network only."
+    ),
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+)
+async def metrics(ctx: ContextDep) -> Response:
+    try:
+        async with ctx.sessionmaker() as session:
+            await METRICS.refresh_from_database(session, ctx.clock())
+    except SQLAlchemyError:
+        pass  # counters are still worth serving; the gauges keep their last value
+    return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _not_ready(code: str, message: str) -> JSONResponse:

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response, status
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import lifecycle, repository
+from app import images, lifecycle, repository
 from app.api.deps import CallerDep, ContextDep, SessionDep
 from app.context import AppContext
 from app.errors import AppError, Conflict, NotFound, UpstreamRejected
+from app.jobs.notifier import notify_url_problem
 from app.jobs.submitter import submit_video
-from app.models import Status, Video
-from app.schemas import ErrorOut, VideoCreate, VideoError, VideoOut, VideoPage
+from app.metrics import METRICS
+from app.models import Notification, Status, Video
+from app.schemas import ErrorOut, VideoCreate, VideoOut, VideoPage
 
 __all__ = ["router", "to_out"]
 
@@ -28,26 +34,49 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def to_out(ctx: AppContext, video: Video) -> VideoOut:
-    error = (
-        VideoError(code=video.error_code, message=video.error_message or "")
-        if video.error_code
-        else None
-    )
-    return VideoOut(
-        id=video.id,
-        status=video.status,
-        image_url=video.image_url,
-        prompt=video.prompt,
-        resolution=video.resolution,
-        duration=video.duration,
-        task_id=video.task_id,
-        error=error,
-        size_bytes=video.size_bytes,
-        sha256=video.sha256,
-        content_url=ctx.content_url(video.id) if video.status == Status.ready else None,
-        created_at=video.created_at,
-        updated_at=video.updated_at,
+def to_out(ctx: AppContext, video: Video, notification: Notification | None = None) -> VideoOut:
+    return VideoOut.of(video, public_base=ctx.settings.public_base, notification=notification)
+
+
+def _field_error(field: str, message: str, kind: str = "missing_one_of") -> RequestValidationError:
+    return RequestValidationError([{"type": kind, "loc": ("body", field), "msg": message}])
+
+
+async def _resolve_params(
+    ctx: AppContext, session: AsyncSession, body: VideoCreate, caller: str
+) -> lifecycle.NewVideo:
+    """Turn the body into what is stored: an uploaded image becomes its public URL."""
+    if body.image_url is None and body.image_id is None:
+        raise _field_error(
+            "image_url",
+            "field required: give image_url (an https URL) or image_id (from POST /v1/images)",
+        )
+    if body.image_url is not None and body.image_id is not None:
+        raise _field_error("image_url", "give image_url or image_id, not both")
+    image_url = body.image_url
+    if body.image_id is not None:
+        image = await images.get_owned(session, body.image_id, owner=caller)
+        if image is None:
+            raise _field_error("image_id", f"no uploaded image with id {body.image_id}")
+        image_url = images.public_url(ctx.settings.public_base, image)
+    if body.notify_url is not None:
+        problem = notify_url_problem(body.notify_url, allow_local=ctx.settings.NOTIFY_ALLOW_LOCAL)
+        if problem:
+            raise _field_error("notify_url", problem)
+        if ctx.settings.NOTIFY_SECRET is None:
+            raise _field_error(
+                "notify_url",
+                "this server has no NOTIFY_SECRET, so it cannot sign notifications; "
+                "leave notify_url out or ask the operator to set NOTIFY_SECRET",
+            )
+    assert image_url is not None
+    return lifecycle.NewVideo(
+        image_url=image_url,
+        prompt=body.prompt,
+        resolution=body.resolution,
+        duration=body.duration,
+        image_id=body.image_id,
+        notify_url=body.notify_url,
     )
 
 
@@ -95,15 +124,10 @@ async def create_video(
         ),
     ] = None,
 ) -> VideoOut:
-    params = lifecycle.NewVideo(
-        image_url=body.image_url,
-        prompt=body.prompt,
-        resolution=body.resolution,
-        duration=body.duration,
-    )
     now = ctx.clock()
     limit = ctx.settings.DAILY_VIDEO_SECONDS_LIMIT
     async with session.begin():
+        params = await _resolve_params(ctx, session, body, caller)
         video, created = await lifecycle.create_video(
             session,
             params=params,
@@ -118,8 +142,11 @@ async def create_video(
             )
             if total is None:
                 used = await lifecycle.spent(session, owner=caller, day=now.date())
+                METRICS.submits.labels("over_limit").inc()
                 # Raising rolls the transaction back: the video row goes too, nothing is sent.
                 raise _over_limit(now, used=used, limit=limit, asked=body.duration)
+    if created != lifecycle.Created.created:
+        METRICS.submits.labels(created.value).inc()
     if created == lifecycle.Created.conflict:
         raise Conflict(
             "Idempotency-Key was already used with different parameters; use a new key "
@@ -175,7 +202,8 @@ async def list_videos(
         )
     except repository.BadCursor as exc:
         raise AppError(str(exc), code="bad_cursor", status_code=422) from None
-    return VideoPage(items=[to_out(ctx, v) for v in rows], next_cursor=next_cursor)
+    notes = await repository.notifications_for(session, [v.id for v in rows if v.notify_url])
+    return VideoPage(items=[to_out(ctx, v, notes.get(v.id)) for v in rows], next_cursor=next_cursor)
 
 
 def _over_limit(now: datetime, *, used: int, limit: int, asked: int) -> AppError:
@@ -201,17 +229,35 @@ async def _video_or_404(session: SessionDep, video_id: uuid.UUID, owner: str) ->
 async def read_video(
     video_id: uuid.UUID, ctx: ContextDep, session: SessionDep, caller: CallerDep
 ) -> VideoOut:
-    return to_out(ctx, await _video_or_404(session, video_id, caller))
+    video = await _video_or_404(session, video_id, caller)
+    note = await lifecycle.latest_notification(session, video.id) if video.notify_url else None
+    return to_out(ctx, video, note)
 
 
 @router.get(
     "/{video_id}/content",
     response_class=FileResponse,
     summary="Stream the stored MP4",
-    description="Serves `video/mp4` with HTTP Range support, so a `<video>` tag can seek.",
+    description=(
+        "Serves `video/mp4` with HTTP Range support, so a `<video>` tag can seek.\n\n"
+        "When clips are stored in S3 (`STORAGE_URL=s3://...`), this answers `307` with a "
+        "`Location` of a short-lived presigned URL (`S3_PRESIGN_SECONDS`) on the bucket, "
+        "which serves the same bytes with Range support. Browsers and HTTP clients follow it; "
+        "they drop the `Authorization` header on the way, as the bucket wants. Request this "
+        "URL again for a fresh link rather than keeping the presigned one."
+    ),
     responses={
         200: {"content": {"video/mp4": {}}},
         206: {"description": "Partial content for a Range request."},
+        307: {
+            "description": "S3 storage: the clip is at the presigned URL in `Location`.",
+            "headers": {
+                "Location": {
+                    "description": "Presigned GET URL, valid for `S3_PRESIGN_SECONDS`.",
+                    "schema": {"type": "string", "format": "uri"},
+                }
+            },
+        },
         401: ERRORS[401],
         404: ERRORS[404],
         409: {"model": ErrorOut, "description": "The video is not ready yet."},
@@ -219,15 +265,23 @@ async def read_video(
 )
 async def video_content(
     video_id: uuid.UUID, ctx: ContextDep, session: SessionDep, caller: CallerDep
-) -> FileResponse:
+) -> Response:
     video = await _video_or_404(session, video_id, caller)
     if video.status != Status.ready or video.storage_key is None:
         raise Conflict(
             f"video {video_id} is {video.status}; content is available once it is ready",
             code="not_ready",
         )
-    path = await asyncio.to_thread(ctx.storage.path, video.storage_key)
-    if not await asyncio.to_thread(path.is_file):
+    presigned = await ctx.storage.presigned_url(video.storage_key)
+    if presigned is not None:
+        # The link expires: no cache may keep the redirect longer than the link lives.
+        return RedirectResponse(
+            presigned,
+            status_code=status.HTTP_307_TEMPORARY_REDIRECT,
+            headers={"Cache-Control": "no-store"},
+        )
+    path = await asyncio.to_thread(ctx.storage.local_path, video.storage_key)
+    if path is None or not await asyncio.to_thread(path.is_file):
         raise AppError(
             f"the stored file of video {video_id} is missing from storage",
             code="content_missing",
@@ -238,4 +292,73 @@ async def video_content(
         media_type="video/mp4",
         filename=f"{video_id}.mp4",
         content_disposition_type="inline",
+    )
+
+
+STATUS_ORDER = {"queued": 1, "processing": 2, "downloading": 3, "ready": 4, "failed": 4}
+HEARTBEAT_SECONDS = 15.0
+
+
+@router.get(
+    "/{video_id}/events",
+    response_class=StreamingResponse,
+    summary="Live status as Server-Sent Events",
+    description=(
+        "A `text/event-stream` of the video's status changes. Each event has `id` "
+        "(`<n>-<status>`), `event` (`status` while running, then `ready` or `failed`) and "
+        "`data` (the video JSON). The stream ends after the final event. A comment line is "
+        "sent every 15 s as a heartbeat. Reconnect with `Last-Event-ID` to get only what "
+        "changed since. Events come from the database, so any replica can serve them."
+    ),
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        401: ERRORS[401],
+        404: ERRORS[404],
+    },
+)
+async def video_events(
+    video_id: uuid.UUID,
+    ctx: ContextDep,
+    session: SessionDep,
+    caller: CallerDep,
+    request: Request,
+    last_event_id: Annotated[str | None, Header(description="Resume after this event.")] = None,
+) -> StreamingResponse:
+    await _video_or_404(session, video_id, caller)
+    await session.close()  # the stream opens short sessions of its own
+
+    async def stream() -> AsyncIterator[str]:
+        last = last_event_id
+        loop = asyncio.get_running_loop()
+        next_heartbeat = loop.time() + HEARTBEAT_SECONDS
+        yield "retry: 2000\n\n"
+        while not ctx.stop.is_set() and not await request.is_disconnected():
+            async with ctx.sessionmaker() as events_session:
+                video = await lifecycle.get(events_session, video_id)
+                if video is None:
+                    return
+                note = (
+                    await lifecycle.latest_notification(events_session, video_id)
+                    if video.notify_url
+                    else None
+                )
+            event_id = f"{STATUS_ORDER[video.status]}-{video.status}"
+            final = video.status in (Status.ready, Status.failed)
+            if event_id != last:
+                kind = video.status if final else "status"
+                data = to_out(ctx, video, note).model_dump_json()
+                yield f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n"
+                last = event_id
+            if final:
+                return
+            if loop.time() >= next_heartbeat:
+                yield ": heartbeat\n\n"
+                next_heartbeat = loop.time() + HEARTBEAT_SECONDS
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.stop.wait(), ctx.settings.EVENTS_POLL_SECONDS)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

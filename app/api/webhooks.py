@@ -20,6 +20,7 @@ from app.api.deps import ContextDep
 from app.errors import AppError
 from app.hiapi.schemas import parse_task_payload
 from app.logging import bind
+from app.metrics import METRICS
 from app.models import Via
 from app.schemas import ErrorOut
 from app.security import token_matches
@@ -74,15 +75,18 @@ async def hiapi_callback(
     try:
         vid = uuid.UUID(video_id)
     except ValueError:
+        METRICS.callbacks.labels("bad_token").inc()
         raise HTTPException(404, "not found") from None
     if not token_matches(ctx.webhook_secret, vid, token):
         log.warning("webhook.bad_token", extra={"video_id": vid})
+        METRICS.callbacks.labels("bad_token").inc()
         raise HTTPException(404, "not found")
     raw = await _read_capped(request)
     try:
         payload: Any = json.loads(raw)
         task = parse_task_payload(payload)
     except (ValueError, RecursionError) as exc:
+        METRICS.callbacks.labels("bad_body").inc()
         raise AppError(
             f"callback body is not a hiapi task: {exc}", code="bad_callback", status_code=400
         ) from None
@@ -103,9 +107,11 @@ async def hiapi_callback(
             if video is None:
                 raise HTTPException(404, "not found")
             log.warning("webhook.foreign_task")
+            METRICS.callbacks.labels("foreign_task").inc()
             raise AppError(
                 "this task does not belong to this video", code="foreign_task", status_code=409
             )
+        METRICS.callbacks.labels(outcome.value).inc()
         log.info("webhook.%s status=%s", outcome.value, task.status.value)
         if outcome == lifecycle.ApplyOutcome.download_claimed:
             background.add_task(ctx.runner.start_download_later, vid, owner)

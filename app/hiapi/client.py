@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -20,9 +21,16 @@ class HiapiClient:
     body was sent is ambiguous and raised as ``HiapiTimeout``.
     """
 
-    def __init__(self, http: httpx.AsyncClient, *, api_key: str) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        api_key: str,
+        observe: Callable[[str, str], None] | None = None,
+    ) -> None:
         self._http = http
         self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._observe = observe or (lambda endpoint, result: None)
 
     async def create_task(
         self,
@@ -60,14 +68,18 @@ class HiapiClient:
             raise HiapiUnavailable(f"hiapi returned a malformed task: {exc}") from None
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        endpoint = "create" if method == "POST" else "get"
         try:
             response = await self._http.request(method, path, headers=self._headers, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            self._observe(endpoint, type(exc).__name__)
             raise HiapiUnavailable(f"hiapi unreachable: {type(exc).__name__}") from None
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             # The request may have been received: the task may exist upstream.
+            self._observe(endpoint, type(exc).__name__)
             raise HiapiTimeout(f"no answer from hiapi: {type(exc).__name__}") from None
         status = response.status_code
+        self._observe(endpoint, str(status))
         if status in (502, 504):
             # A gateway gave up waiting: hiapi behind it may have created the task.
             raise HiapiTimeout(f"hiapi answered {status} (gateway)", status_code=status)

@@ -108,10 +108,11 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
-def input_errors(body: Any) -> list[str]:
+def input_errors(body: Any, *, allow_http_images: bool = False) -> list[str]:
     """Check a create-task body the way hiapi does; return hiapi's messages (empty if valid).
 
-    Messages use hiapi's format: ``invalid input: <field>: <reason>``.
+    Messages use hiapi's format: ``invalid input: <field>: <reason>``. ``allow_http_images``
+    exists for the local simulator only (uploads served by a dev server over plain http).
     """
     problems: list[str] = []
     if not isinstance(body, Mapping):
@@ -131,7 +132,7 @@ def input_errors(body: Any) -> list[str]:
     elif not isinstance(inp, Mapping):
         problems.append(f"input: expected object, but got {_json_type(inp)}")
     else:
-        problems.extend(_input_object_errors(inp))
+        problems.extend(_input_object_errors(inp, allow_http_images=allow_http_images))
     return [f"invalid input: {p}" for p in problems]
 
 
@@ -149,7 +150,7 @@ def _callback_errors(callback: Any) -> list[str]:
     return problems
 
 
-def _input_object_errors(inp: Mapping[str, Any]) -> list[str]:
+def _input_object_errors(inp: Mapping[str, Any], *, allow_http_images: bool) -> list[str]:
     problems: list[str] = []
     extra = [k for k in inp if k not in INPUT_FIELDS]
     if extra:
@@ -165,7 +166,10 @@ def _input_object_errors(inp: Mapping[str, Any]) -> list[str]:
     elif len(urls) > 1:
         problems.append(f"image_urls: maxItems: got {len(urls)}, want 1")
     else:
-        problems.extend(image_url_errors(urls[0], field="image_urls/0"))
+        url = urls[0]
+        if allow_http_images and isinstance(url, str) and url.startswith("http://"):
+            url = "https://" + url.removeprefix("http://")
+        problems.extend(image_url_errors(url, field="image_urls/0"))
 
     if "prompt" in inp and not isinstance(inp["prompt"], str):
         problems.append(f"prompt: expected string, but got {_json_type(inp['prompt'])}")

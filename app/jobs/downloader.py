@@ -1,12 +1,14 @@
 """Copy a finished clip from hiapi's temporary URL into our storage, exactly once.
 
 The caller already holds the download lease (``lifecycle.apply_task`` or ``claim_due``). The
-body is streamed to a partial file while its sha256 and size are computed; the first bytes must
-be an MP4 ``ftyp`` box; the size is capped while streaming, not trusted from Content-Length. The
-file is fsynced and renamed into place, and only then is the video marked ``ready`` (still under
-the lease). Hashing and disk writes run in a worker thread so the event loop keeps acking
-webhooks. Transient failures give the lease back with a backoff until ``expireAt``; a stop
-request (shutdown) gives it back at once so any replica can resume.
+body is streamed through a ``ClipWriter`` of the storage backend (a partial file, or a multipart
+upload) while its sha256 and size are computed; the first bytes must be an MP4 ``ftyp`` box; the
+size is capped while streaming, not trusted from Content-Length. The writer then commits (fsync
+and rename; CompleteMultipartUpload), and only then is the video marked ``ready`` (still under
+the lease). Hashing and local disk writes run in worker threads so the event loop keeps acking
+webhooks. Any failure aborts the writer, so nothing half-written remains. Transient failures
+(network, storage) give the lease back with a backoff until ``expireAt``; a stop request
+(shutdown) gives it back at once so any replica can resume.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -28,8 +29,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app import lifecycle
 from app.jobs.hosts import HostAllowlist, resolves_to_public
 from app.logging import bind
+from app.metrics import METRICS
 from app.retry import backoff_seconds
-from app.storage import LocalStorage
+from app.storage import ClipWriter, Storage, StorageError
 
 __all__ = ["DownloadSettings", "Downloader", "is_mp4_header"]
 
@@ -39,6 +41,8 @@ WRITE_CHUNK = 1024 * 1024
 MAX_REDIRECTS = 5
 # Without expireAt we still stop retrying eventually.
 NO_EXPIRY_RETRY_WINDOW = timedelta(hours=24)
+# How long a cancelled download may take to abort its upload before the task gives up on it.
+ABORT_WAIT_SECONDS = 15.0
 
 
 def is_mp4_header(head: bytes) -> bool:
@@ -78,7 +82,7 @@ class Downloader:
         *,
         sessionmaker: async_sessionmaker[AsyncSession],
         http: httpx.AsyncClient,
-        storage: LocalStorage,
+        storage: Storage,
         allowlist: HostAllowlist,
         settings: DownloadSettings,
         stop: asyncio.Event,
@@ -127,24 +131,21 @@ class Downloader:
                 video_id, owner, "expired", "the output URL expired before it could be downloaded"
             )
             return
-        partial = self._storage.partial_path(video_id, owner)
         lost = asyncio.Event()
+        started = asyncio.get_running_loop().time()
         heartbeat = asyncio.create_task(self._heartbeat(video_id, owner, lost))
         try:
-            size, digest, key = await self._until_stopped(
-                self._copy(video_id, owner, url, partial, lost)
-            )
+            # ``_copy`` aborts its writer on every way out but success: nothing to clean here.
+            size, digest, key = await self._until_stopped(self._copy(video_id, owner, url, lost))
         except Permanent as exc:
-            await asyncio.to_thread(partial.unlink, True)
             await self._fail(video_id, owner, exc.code, str(exc))
             return
         except Stopped as exc:
-            await asyncio.to_thread(partial.unlink, True)
             log.info("download.stopped reason=%s", exc)
+            METRICS.downloads.labels("stopped").inc()
             await self._release(video_id, owner, self._clock(), f"stopped: {exc}")
             return
-        except (Transient, httpx.HTTPError, OSError) as exc:
-            await asyncio.to_thread(partial.unlink, True)
+        except (Transient, StorageError, httpx.HTTPError, OSError) as exc:
             now = self._clock()
             delay = backoff_seconds(
                 attempts, base=self._settings.retry_base, cap=self._settings.retry_max
@@ -160,12 +161,13 @@ class Downloader:
                 )
                 return
             log.warning("download.retry in=%.1fs error=%s", delay, reason)
+            METRICS.downloads.labels("retry").inc()
             await self._release(video_id, owner, retry_at, reason)
             return
         except asyncio.CancelledError:
-            # Cancelled after the shutdown grace: still leave nothing behind and give the
-            # lease back, so another replica resumes at once instead of after expiry.
-            await asyncio.shield(self._abandon(video_id, owner, partial))
+            # Cancelled after the shutdown grace: give the lease back, so another replica
+            # resumes at once instead of after expiry (the writer was aborted on the way out).
+            await asyncio.shield(self._abandon(video_id, owner))
             raise
         finally:
             heartbeat.cancel()
@@ -183,20 +185,31 @@ class Downloader:
             log.warning("download.lease_lost_before_ready")
         else:
             log.info("download.ready size=%d sha256=%s", size, digest)
+            METRICS.downloads.labels("ready").inc()
+            METRICS.download_bytes.inc(size)
+            METRICS.download_seconds.observe(asyncio.get_running_loop().time() - started)
+            if ready.task_finished_at is not None and ready.ready_at is not None:
+                waited = (ready.ready_at - ready.task_finished_at).total_seconds()
+                METRICS.success_to_stored.observe(max(waited, 0.0))
 
     async def _copy(
-        self, video_id: uuid.UUID, owner: str, url: str, partial: Path, lost: asyncio.Event
+        self, video_id: uuid.UUID, owner: str, url: str, lost: asyncio.Event
     ) -> tuple[int, str, str]:
-        # Confirm the lease before touching files: it may have expired (and been taken by
+        # Confirm the lease before touching storage: it may have expired (and been taken by
         # another replica) while this download waited for a slot.
         await self._renew(video_id, owner)
-        await asyncio.to_thread(self._storage.discard_partials, video_id, keep=partial)
-        size, digest = await self._fetch(url, partial, lost)
-        if lost.is_set():
-            raise Stopped("lease lost")
-        key = self._storage.key_for(video_id)
-        await asyncio.to_thread(self._storage.commit, partial, key)
-        return size, digest, key
+        await self._storage.discard_leftovers(video_id, owner)
+        writer = await self._storage.open_writer(video_id, owner)
+        try:
+            size, digest = await self._fetch(url, writer, lost)
+            if lost.is_set():
+                raise Stopped("lease lost")
+            await writer.commit()
+        except BaseException:
+            # Shielded: a second cancellation must not leave half an upload behind.
+            await asyncio.shield(writer.abort())
+            raise
+        return size, digest, writer.key
 
     async def _until_stopped(
         self, work: Coroutine[Any, Any, tuple[int, str, str]]
@@ -206,6 +219,13 @@ class Downloader:
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Cancelled from outside (the shutdown grace ran out): stop the copy too, and give
+            # it a moment to abort its upload.
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait({task}, timeout=ABORT_WAIT_SECONDS)
+            raise
         finally:
             stopper.cancel()
         if not task.done():
@@ -237,12 +257,11 @@ class Downloader:
                 lost.set()
                 return
 
-    async def _abandon(self, video_id: uuid.UUID, owner: str, partial: Path) -> None:
+    async def _abandon(self, video_id: uuid.UUID, owner: str) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(partial.unlink, True)
             await self._release(video_id, owner, self._clock(), "stopped: cancelled")
 
-    async def _fetch(self, url: str, partial: Path, lost: asyncio.Event) -> tuple[int, str]:
+    async def _fetch(self, url: str, writer: ClipWriter, lost: asyncio.Event) -> tuple[int, str]:
         current = httpx.URL(url)
         for _hop in range(MAX_REDIRECTS + 1):
             rule = self._allow.match(current)
@@ -265,11 +284,11 @@ class Downloader:
                         raise Permanent("bad_redirect", "redirect without a Location header")
                     current = current.join(location)
                     continue
-                return await self._consume(response, partial, lost)
+                return await self._consume(response, writer, lost)
         raise Permanent("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
 
     async def _consume(
-        self, response: httpx.Response, partial: Path, lost: asyncio.Event
+        self, response: httpx.Response, writer: ClipWriter, lost: asyncio.Event
     ) -> tuple[int, str]:
         status = response.status_code
         if status in (408, 429) or status >= 500 or status in (403, 404, 410):
@@ -286,30 +305,24 @@ class Downloader:
         total = 0
         checked = False
         buffer = bytearray()
-        fh: IO[bytes] = await asyncio.to_thread(partial.open, "wb")
-        try:
-            async for chunk in response.aiter_bytes():
-                if lost.is_set():
-                    raise Stopped("lease lost")
-                total += len(chunk)
-                if total > limit:
-                    raise Permanent("too_large", f"clip exceeds MAX_VIDEO_BYTES ({limit} bytes)")
-                buffer += chunk
-                if not checked and len(buffer) >= 8:
-                    if not is_mp4_header(bytes(buffer[:8])):
-                        raise Permanent(
-                            "not_mp4", "the downloaded file is not an MP4 (no ftyp box)"
-                        )
-                    checked = True
-                if len(buffer) >= WRITE_CHUNK:
-                    await asyncio.to_thread(_write, fh, hasher, bytes(buffer))
-                    buffer.clear()
-            if not checked:
-                raise Permanent("not_mp4", "the downloaded file is not an MP4 (too short)")
-            if buffer:
-                await asyncio.to_thread(_write, fh, hasher, bytes(buffer))
-        finally:
-            await asyncio.to_thread(fh.close)
+        async for chunk in response.aiter_bytes():
+            if lost.is_set():
+                raise Stopped("lease lost")
+            total += len(chunk)
+            if total > limit:
+                raise Permanent("too_large", f"clip exceeds MAX_VIDEO_BYTES ({limit} bytes)")
+            buffer += chunk
+            if not checked and len(buffer) >= 8:
+                if not is_mp4_header(bytes(buffer[:8])):
+                    raise Permanent("not_mp4", "the downloaded file is not an MP4 (no ftyp box)")
+                checked = True
+            if len(buffer) >= WRITE_CHUNK:
+                await _write(writer, hasher, bytes(buffer))
+                buffer.clear()
+        if not checked:
+            raise Permanent("not_mp4", "the downloaded file is not an MP4 (too short)")
+        if buffer:
+            await _write(writer, hasher, bytes(buffer))
         return total, hasher.hexdigest()
 
     async def _renew(self, video_id: uuid.UUID, owner: str) -> None:
@@ -349,11 +362,12 @@ class Downloader:
             )
         if failed is not None:
             log.warning("download.failed code=%s message=%s", code, message)
+            METRICS.downloads.labels(code).inc()
 
 
-def _write(fh: IO[bytes], hasher: hashlib._Hash, data: bytes) -> None:
-    hasher.update(data)
-    fh.write(data)
+async def _write(writer: ClipWriter, hasher: hashlib._Hash, data: bytes) -> None:
+    """Hash (in a worker thread) and store one chunk, side by side."""
+    await asyncio.gather(asyncio.to_thread(hasher.update, data), writer.write(data))
 
 
 def _describe(exc: BaseException) -> str:

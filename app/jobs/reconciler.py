@@ -22,15 +22,17 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app import lifecycle
+from app import images, lifecycle
 from app.hiapi.client import HiapiClient
 from app.hiapi.errors import HiapiError, HiapiRejected
 from app.jobs.runner import JobRunner
 from app.jobs.submitter import SubmitPolicy, submit_video
 from app.logging import bind
+from app.metrics import METRICS
 from app.models import Status, Via, Video
 from app.retry import backoff_seconds
 
@@ -38,7 +40,6 @@ __all__ = ["ReconcileStats", "Reconciler"]
 
 log = logging.getLogger(__name__)
 
-POLL_HOLD = timedelta(seconds=120)
 SUBMIT_CONCURRENCY = 8
 
 
@@ -50,6 +51,7 @@ class ReconcileStats:
     still_running: int = 0
     poll_errors: int = 0
     downloads_resumed: int = 0
+    images_expired: int = 0
 
 
 class Reconciler:
@@ -66,6 +68,9 @@ class Reconciler:
         lease: timedelta,
         clock: Callable[[], datetime],
         task_timeout: timedelta = timedelta(days=1),
+        poll_hold: timedelta = timedelta(seconds=60),
+        images_root: Path | None = None,
+        image_retention: timedelta = timedelta(days=7),
     ) -> None:
         self._sm = sessionmaker
         self._hiapi = hiapi
@@ -77,6 +82,11 @@ class Reconciler:
         self._lease = lease
         self._clock = clock
         self._task_timeout = task_timeout
+        # A claimed poll is retried by anyone after this: long enough for one GET to time
+        # out, short enough that a replica killed after claiming delays little.
+        self._poll_hold = poll_hold
+        self._images_root = images_root
+        self._image_retention = image_retention
         self.totals = ReconcileStats()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -97,6 +107,14 @@ class Reconciler:
         await self._resubmit(stats)
         await self._poll(stats)
         await self._resume_downloads(stats)
+        if self._images_root is not None:
+            async with self._sm() as session, session.begin():
+                stats.images_expired = await images.expire(
+                    session,
+                    storage_root=self._images_root,
+                    now=self._clock(),
+                    retention=self._image_retention,
+                )
         for key, value in asdict(stats).items():
             setattr(self.totals, key, getattr(self.totals, key) + value)
         return stats
@@ -128,7 +146,7 @@ class Reconciler:
         await asyncio.gather(*(submit(video) for video in videos))
 
     async def _poll(self, stats: ReconcileStats) -> None:
-        _, videos = await self._claim(Status.processing, POLL_HOLD)
+        _, videos = await self._claim(Status.processing, self._poll_hold)
         slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
 
         async def poll(video: Video) -> None:
@@ -177,6 +195,7 @@ class Reconciler:
                     lifecycle.ApplyOutcome.failed,
                 ):
                     stats.recovered += 1
+                    METRICS.recovered.inc()
                     log.warning("reconciler.recovered status=%s (no callback arrived)", task.status)
                 if outcome == lifecycle.ApplyOutcome.download_claimed:
                     self._runner.start_download(video.id, owner)

@@ -26,6 +26,7 @@ from app import lifecycle
 from app.hiapi.client import HiapiClient
 from app.hiapi.errors import HiapiRejected, HiapiTimeout, HiapiUnavailable
 from app.logging import bind
+from app.metrics import METRICS
 from app.models import Video
 from app.retry import backoff_seconds
 
@@ -77,9 +78,11 @@ async def submit_video(
                     session, video_id=video.id, code=exc.code, message=exc.message, now=clock()
                 )
             log.warning("submit.rejected status=%s code=%s", exc.status_code, exc.code)
+            METRICS.submits.labels("rejected").inc()
             return SubmitResult(failed or await _reload(sessionmaker, video.id), rejected=exc)
         except HiapiUnavailable as exc:
             ambiguous = isinstance(exc, HiapiTimeout)
+            METRICS.submits.labels("ambiguous" if ambiguous else "retry_later").inc()
             now = clock()
             delay = timedelta(
                 seconds=backoff_seconds(
@@ -113,6 +116,7 @@ async def submit_video(
                     now=clock(),
                     poll_after=policy.poll_after,
                 )
+            METRICS.submits.labels("created").inc()
             if stored is None:
                 log.info("submit.created_after_callback")
             else:

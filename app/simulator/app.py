@@ -5,7 +5,8 @@
 
 * ``POST /v1/tasks`` and ``GET /v1/tasks/{taskId}``: hiapi's task API, exact bodies included;
 * ``GET /files/{token}.mp4``: the rendered clips behind ``output[].url``;
-* ``/_sim/...`` (no auth): stats, runtime config changes, and forcing a task to finish.
+* ``/_sim/...`` (no auth): stats, per-task details (``/_sim/tasks``, used by
+  ``videorelay chaos``), runtime config changes, and forcing a task to finish.
 
 Handlers read the per-app ``SimulatorState`` from ``request.app.state.simulator``.
 """
@@ -122,7 +123,8 @@ async def _create_problem(request: Request) -> tuple[Response | None, Any]:
     parsed, body = await _read_json(request)
     if not parsed:
         return _invalid("invalid input: request body is not valid JSON"), None
-    errors = input_errors(body)
+    config = _state(request).config
+    errors = input_errors(body, allow_http_images=config.allow_http_image_urls)
     return (_invalid(errors[0]) if errors else None), body
 
 
@@ -144,6 +146,7 @@ async def create_task(request: Request) -> Response:
     state.spawn(run_task(state, task))
     if state.roll(state.config.create_timeout_rate):
         state.stats.create_timeouts += 1
+        state.timed_out_creates.add(task.task_id)
         await asyncio.sleep(state.config.timeout_delay_seconds)
     return JSONResponse({"code": 200, "data": {"taskId": task.task_id}, "message": "success"})
 
@@ -180,7 +183,7 @@ async def get_file(token: str, request: Request) -> Response:
     if request.method == "HEAD":
         return Response(headers=headers, media_type="video/mp4")
     rate = state.config.download_bytes_per_second
-    body = stream_file(item.clip, padding=padding, bytes_per_second=rate)
+    body = state.track_serve(token, stream_file(item.clip, padding=padding, bytes_per_second=rate))
     return StreamingResponse(body, media_type="video/mp4", headers=headers)
 
 
@@ -190,6 +193,12 @@ async def get_file(token: str, request: Request) -> Response:
 @router.get("/_sim/stats")
 async def get_stats(request: Request) -> dict[str, int]:
     return asdict(_state(request).stats)
+
+
+@router.get("/_sim/tasks")
+async def get_tasks(request: Request) -> dict[str, Any]:
+    """Every task: fate, callback URL, whether its create timed out, and each file download."""
+    return {"tasks": _state(request).task_details()}
 
 
 @router.get("/_sim/config")

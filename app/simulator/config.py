@@ -45,6 +45,9 @@ class SimulatorConfig(BaseModel):
     url_ttl_seconds: float = Field(default=3600.0, ge=0)
     """Lifetime of an output URL; ``expireAt`` is ``now + ttl`` and the file 404s after it."""
     fetch_images: bool = True
+    # Real hiapi takes https image URLs only. `serve --simulate` turns this on so images
+    # uploaded to a local, plain-http videorelay can be used.
+    allow_http_image_urls: bool = False
     """Download the input image (5 s, 20 MB cap); otherwise render a generated frame."""
     pad_bytes: int = Field(default=0, ge=0)
     """Append an MP4 ``free`` box of this many bytes (at least 8) to every served file."""

@@ -8,10 +8,11 @@ goes through ``state.roll`` so a ``seed`` makes a run reproducible.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,15 @@ import httpx
 from app.hiapi.schemas import MODEL, TaskStatus
 from app.simulator.config import SimulatorConfig
 
-__all__ = ["SimFile", "SimStats", "SimTask", "SimulatorState", "TaskFate"]
+__all__ = [
+    "FileRecord",
+    "FileServe",
+    "SimFile",
+    "SimStats",
+    "SimTask",
+    "SimulatorState",
+    "TaskFate",
+]
 
 SWEEP_THRESHOLD = 256
 """Expired clips are only swept once this many files have been published."""
@@ -91,6 +100,35 @@ class SimFile:
 
 
 @dataclass
+class FileServe:
+    """One ``GET`` of an output file: when it started, how far it got, whether it finished."""
+
+    started_at: float
+    last_chunk_at: float
+    bytes_sent: int = 0
+    complete: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "started_at": self.started_at,
+            "last_chunk_at": self.last_chunk_at,
+            "bytes_sent": self.bytes_sent,
+            "complete": self.complete,
+        }
+
+
+@dataclass
+class FileRecord:
+    """Bookkeeping of one published output file, kept after its bytes expire (for chaos runs)."""
+
+    published_at: float
+    """When the clip was published, i.e. when its task succeeded (unix time)."""
+    serves: list[FileServe] = field(default_factory=list)
+    sha256: str | None = None
+    """sha256 of the last body that was served completely."""
+
+
+@dataclass
 class SimulatorState:
     """Everything the simulator remembers; one instance per app."""
 
@@ -100,6 +138,10 @@ class SimulatorState:
     files: dict[str, SimFile] = field(default_factory=dict)
     jobs: set[asyncio.Task[None]] = field(default_factory=set)
     http: httpx.AsyncClient | None = None
+    file_records: dict[str, FileRecord] = field(default_factory=dict)
+    """Per output-file token: publish time and every download of it (see ``task_details``)."""
+    timed_out_creates: set[str] = field(default_factory=set)
+    """Tasks whose create answer was held back past the caller's timeout (ambiguous creates)."""
     _rng: random.Random = field(init=False, repr=False)
     _rng_seed: int | None = field(init=False, repr=False)
 
@@ -156,8 +198,58 @@ class SimulatorState:
         self._forget_expired_clips(now)
         expires_at = now + self.config.url_ttl_seconds
         self.files[token] = SimFile(clip=clip, expires_at=expires_at)
+        self.file_records[token] = FileRecord(published_at=now)
         base = self.config.public_base_url.rstrip("/")
         return f"{base}/files/{token}.mp4", int(expires_at)
+
+    async def track_serve(self, token: str, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Pass ``body`` through, recording in ``file_records`` how much of it was sent."""
+        record = self.file_records.get(token)
+        if record is None:
+            async for chunk in body:
+                yield chunk
+            return
+        now = time.time()
+        serve = FileServe(started_at=now, last_chunk_at=now)
+        record.serves.append(serve)
+        hasher = hashlib.sha256()
+        async for chunk in body:
+            hasher.update(chunk)
+            yield chunk
+            serve.bytes_sent += len(chunk)
+            serve.last_chunk_at = time.time()
+        serve.complete = True
+        record.sha256 = hasher.hexdigest()
+
+    def task_details(self) -> list[dict[str, Any]]:
+        """Every task with its fate, callback URL, create timeout and output-file downloads."""
+        details = []
+        for task in self.tasks.values():
+            token = _file_token(task.output[0].get("url")) if task.output else None
+            record = self.file_records.get(token) if token is not None else None
+            details.append(
+                {
+                    "task_id": task.task_id,
+                    "status": task.status.value,
+                    "created_at": task.created_at,
+                    "callback_url": task.callback_url,
+                    "create_timed_out": task.task_id in self.timed_out_creates,
+                    "fate": {
+                        "fail": task.fate.fail,
+                        "drop_callback": task.fate.drop_callback,
+                        "callback_copies": task.fate.callback_copies,
+                    },
+                    "file": None
+                    if record is None
+                    else {
+                        "token": token,
+                        "published_at": record.published_at,
+                        "sha256": record.sha256,
+                        "serves": [serve.to_dict() for serve in record.serves],
+                    },
+                }
+            )
+        return details
 
     def _forget_expired_clips(self, now: float) -> None:
         """Drop the bytes of expired files but keep their tokens, so they still 404 as expired."""
@@ -189,3 +281,10 @@ class SimulatorState:
         if self.http is not None:
             await self.http.aclose()
             self.http = None
+
+
+def _file_token(url: Any) -> str | None:
+    """The ``{token}`` of an output URL ``.../files/{token}.mp4``."""
+    if not isinstance(url, str) or not url.endswith(".mp4") or "/files/" not in url:
+        return None
+    return url.rsplit("/files/", 1)[1][: -len(".mp4")]

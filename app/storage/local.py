@@ -3,21 +3,31 @@
 A clip is first written to ``<root>/.partial/<video_id>.<owner>.part``; only a complete,
 checked, fsynced file is renamed to its final key, so a reader never sees half a clip and a
 crash leaves at most a partial file that the next attempt removes.
+
+The blocking methods (``discard_partials``, ``commit``, ``path``) are the primitives; the async
+ones implement ``app.storage.Storage`` on top of them, each in a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import uuid
 from pathlib import Path
+from typing import IO
 
-__all__ = ["LocalStorage"]
+__all__ = ["LocalStorage", "LocalWriter"]
 
 
 class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.partial_dir = self.root / ".partial"
+
+    @property
+    def url(self) -> str:
+        return self.root.as_uri()
 
     def ensure_dirs(self) -> None:
         self.partial_dir.mkdir(parents=True, exist_ok=True)
@@ -64,3 +74,84 @@ class LocalStorage:
         finally:
             os.close(dir_fd)
         return final
+
+    # -- app.storage.Storage ----------------------------------------------------------------
+
+    async def open_writer(self, video_id: uuid.UUID, owner: str) -> LocalWriter:
+        return LocalWriter(self, self.key_for(video_id), self.partial_path(video_id, owner))
+
+    async def discard_leftovers(self, video_id: uuid.UUID, owner: str) -> int:
+        keep = self.partial_path(video_id, owner)
+        return await asyncio.to_thread(self.discard_partials, video_id, keep=keep)
+
+    async def presigned_url(self, key: str) -> str | None:
+        return None  # served by the API itself, with Range
+
+    def local_path(self, key: str) -> Path:
+        return self.path(key)
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(lambda: self.path(key).unlink(missing_ok=True))
+
+    async def aclose(self) -> None:
+        return None
+
+
+class LocalWriter:
+    """Writes ``partial`` (opened on the first write); ``commit`` is ``LocalStorage.commit``.
+
+    Each step runs in a worker thread under one lock, so an ``abort`` that follows a cancelled
+    ``write`` waits for that write's thread to finish before it closes and removes the file:
+    no file handle or partial file outlives the attempt.
+    """
+
+    def __init__(self, storage: LocalStorage, key: str, partial: Path) -> None:
+        self._storage = storage
+        self._key = key
+        self.partial = partial
+        self._fh: IO[bytes] | None = None
+        self._finished = False
+        self._lock = threading.Lock()
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    def _write(self, data: bytes) -> None:
+        with self._lock:
+            if self._finished:
+                raise OSError(f"{self.partial.name} was already committed or aborted")
+            if self._fh is None:
+                self._fh = self.partial.open("wb")
+            self._fh.write(data)
+
+    def _close(self) -> None:
+        with self._lock:
+            self._finished = True
+            fh, self._fh = self._fh, None
+            if fh is not None:
+                fh.close()
+
+    def _discard(self) -> None:
+        with self._lock:
+            self._finished = True
+            fh, self._fh = self._fh, None
+            try:
+                if fh is not None:
+                    fh.close()
+            except OSError:
+                pass  # a failed flush of bytes we are throwing away
+            try:
+                self.partial.unlink(missing_ok=True)
+            except OSError:
+                pass  # e.g. the directory itself is gone; the next attempt cleans up
+
+    async def write(self, data: bytes) -> None:
+        await asyncio.to_thread(self._write, data)
+
+    async def commit(self) -> None:
+        await asyncio.to_thread(self._close)
+        await asyncio.to_thread(self._storage.commit, self.partial, self._key)
+
+    async def abort(self) -> None:
+        await asyncio.to_thread(self._discard)

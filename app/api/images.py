@@ -1,0 +1,94 @@
+"""``POST /v1/images`` (upload a still) and ``GET /i/{name}`` (where hiapi fetches it)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, File, UploadFile, status
+from fastapi.responses import FileResponse
+
+from app import images
+from app.api.deps import CallerDep, ContextDep, SessionDep
+from app.errors import AppError, NotFound
+from app.schemas import ErrorOut, ImageOut
+
+__all__ = ["public_router", "router"]
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+public_router = APIRouter(tags=["images"])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ImageOut,
+    summary="Upload a still image",
+    description=(
+        "Multipart upload (field `file`) of a JPEG, PNG or WebP image, recognised by its "
+        "content, not its name. Returns an `id` to pass as `image_id` to `POST /v1/videos`, "
+        "and the public, unguessable `url` hiapi fetches it from. Images are deleted "
+        "IMAGE_RETENTION_SECONDS after their videos have ended."
+    ),
+    responses={
+        401: {"model": ErrorOut, "description": "Missing or invalid API key."},
+        413: {"model": ErrorOut, "description": "Larger than IMAGE_MAX_BYTES."},
+        415: {"model": ErrorOut, "description": "Not a JPEG, PNG or WebP image."},
+        422: {"model": ErrorOut, "description": "No `file` part in the form."},
+    },
+)
+async def upload_image(
+    file: Annotated[UploadFile, File(description="The image (JPEG, PNG or WebP).")],
+    ctx: ContextDep,
+    session: SessionDep,
+    caller: CallerDep,
+) -> ImageOut:
+    limit = ctx.settings.IMAGE_MAX_BYTES
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise AppError(
+            f"image is larger than {limit} bytes (IMAGE_MAX_BYTES)",
+            code="too_large",
+            status_code=413,
+        )
+    try:
+        info = await asyncio.to_thread(images.inspect_image, data)
+    except images.NotAnImage as exc:
+        raise AppError(str(exc), code="unsupported_image", status_code=415) from None
+    async with session.begin():
+        image = await images.create(
+            session,
+            owner=caller,
+            info=info,
+            data=data,
+            storage_root=ctx.images_root,
+            now=ctx.clock(),
+        )
+    return ImageOut(
+        id=image.id,
+        url=images.public_url(ctx.settings.public_base, image),
+        content_type=image.content_type,
+        width=image.width,
+        height=image.height,
+        size_bytes=image.size_bytes,
+        sha256=image.sha256,
+        created_at=image.created_at,
+    )
+
+
+@public_router.get(
+    "/i/{name}",
+    response_class=FileResponse,
+    summary="An uploaded image, by its unguessable name",
+    description="Public on purpose: hiapi fetches the still from here. No listing exists.",
+    responses={404: {"model": ErrorOut, "description": "Unknown or deleted image."}},
+)
+async def public_image(name: str, ctx: ContextDep, session: SessionDep) -> FileResponse:
+    token, _, extension = name.rpartition(".")
+    image = await images.by_token(session, token) if token else None
+    if image is None or image.extension != extension:
+        raise NotFound("no such image")
+    path = images.image_path(ctx.images_root, image.token, image.extension)
+    if not await asyncio.to_thread(path.is_file):
+        raise NotFound("no such image")
+    return FileResponse(path, media_type=image.content_type)

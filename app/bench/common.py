@@ -1,0 +1,506 @@
+"""What every scenario shares: results, subprocesses, servers, load runs and scratch databases.
+
+Every child process is started with a parent-death signal (Linux), so a killed bench leaves
+no server behind, and every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+__all__ = [
+    "BENCH_SECRET",
+    "PROJECT_ROOT",
+    "UVICORN_FLAGS",
+    "BenchConfig",
+    "LoadResult",
+    "Measurement",
+    "ScenarioResult",
+    "ServerProcess",
+    "child_env",
+    "database",
+    "free_port",
+    "insert_videos",
+    "postgres_available",
+    "run_loadgen",
+    "scratch_postgres",
+    "service_env",
+    "spawn",
+    "video_row",
+    "write_spec",
+]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+BENCH_SECRET = "bench-webhook-secret-0123456789abcdef"
+PG_ADMIN_DSN = os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_HOST = os.environ.get("BENCH_PG_HOST", "postgres@127.0.0.1:5432")
+# The same flags for the baselines and the subject (uvicorn picks uvloop and httptools).
+UVICORN_FLAGS = ("--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "5")
+SERVER_START_TIMEOUT = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+# --- results -----------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    """One figure beside its baseline. ``ratio`` is ``value / baseline_value``."""
+
+    role: str  # "baseline" or "subject"
+    case: str
+    metric: str
+    value: float
+    baseline: str
+    baseline_value: float
+    better: str = "higher"  # which direction of ``ratio`` is good
+    details: dict[str, Any] = field(default_factory=dict)
+    target: str | None = None
+    met: bool | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.baseline_value if self.baseline_value else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ratio"] = self.ratio
+        return data
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    title: str
+    rows: list[Measurement] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    appendix: list[str] = field(default_factory=list)  # query plans and such, verbatim
+    seconds: float = 0.0
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        baselines = [r.to_json() for r in self.rows if r.role == "baseline"]
+        results = [r.to_json() for r in self.rows if r.role == "subject"]
+        return {
+            "title": self.title,
+            "baselines": baselines,
+            "results": results,
+            "notes": self.notes,
+            "appendix": self.appendix,
+            "seconds": self.seconds,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    quick: bool
+    databases: tuple[str, ...]  # "sqlite" and/or "postgres"
+    workdir: Path
+
+    def seconds(self, quick: float, full: float) -> float:
+        return quick if self.quick else full
+
+    def count(self, quick: int, full: int) -> int:
+        return quick if self.quick else full
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGKILL if the bench dies, so nothing outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    env.pop("DATABASE_URL", None)
+    env.update(extra)
+    return env
+
+
+def spawn(
+    args: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path
+) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            list(args),
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a running process, from ``/proc`` (0.0 where unavailable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcess:
+    """``python -m uvicorn FACTORY --factory`` on 127.0.0.1, stopped on exit."""
+
+    def __init__(
+        self,
+        name: str,
+        factory: str,
+        *,
+        env: dict[str, str],
+        workdir: Path,
+        extra: Sequence[str] = (),
+        health: str = "/healthz",
+        port: int | None = None,
+    ) -> None:
+        self.name = name
+        self.health = health
+        self.factory = factory
+        self.env = env
+        self.workdir = workdir
+        self.extra = tuple(extra)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ServerProcess:
+        args = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            self.factory,
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *UVICORN_FLAGS,
+            *self.extra,
+        ]
+        self.proc = spawn(args, env=self.env, log=self.log, cwd=self.workdir)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited at start: {self.tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{self.url}{self.health}").status_code == 200:
+                        return self
+                if time.monotonic() > deadline:
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(f"{self.name} did not start: {self.tail()}")
+                time.sleep(0.05)
+
+    def __exit__(self, *_: object) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# --- load --------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    sent: int
+    ok: int
+    errors: int
+    statuses: dict[str, int]
+    elapsed_s: float
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    loadgen_cpu_s: float
+    server_cpu_s: float = 0.0
+
+    def details(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["server_cpu_ms_per_req"] = (
+            1000 * self.server_cpu_s / self.ok if self.ok else float("nan")
+        )
+        return data
+
+
+def write_spec(
+    path: Path,
+    requests: Sequence[tuple[str, str, str]],
+    *,
+    headers: dict[str, str] | None = None,
+    cycle: bool = False,
+) -> Path:
+    spec = {
+        "requests": [list(r) for r in requests],
+        "headers": {"Content-Type": "application/json", **(headers or {})},
+        "cycle": cycle,
+    }
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def run_loadgen(
+    server: ServerProcess | str,
+    spec: Path,
+    *,
+    concurrency: int,
+    duration: float,
+    workdir: Path,
+    max_requests: int = 0,
+    ok_status: Sequence[int] = (200, 201, 202, 204),
+) -> LoadResult:
+    """Run the load generator in its own process against ``server`` and return its figures."""
+    url = server.url if isinstance(server, ServerProcess) else server
+    port = int(url.rsplit(":", 1)[1])
+    out = workdir / f"load-{uuid.uuid4().hex[:8]}.json"
+    args = [
+        sys.executable,
+        "-m",
+        "app.bench.loadgen",
+        "--port",
+        str(port),
+        "--spec",
+        str(spec),
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(duration),
+        "--max-requests",
+        str(max_requests),
+        "--out",
+        str(out),
+        "--ok-status",
+        *(str(s) for s in ok_status),
+    ]
+    cpu0 = server.cpu_seconds() if isinstance(server, ServerProcess) else 0.0
+    proc = spawn(args, env=child_env(), log=workdir / "loadgen.log", cwd=workdir)
+    try:
+        code = proc.wait(duration + 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+        raise RuntimeError("the load generator did not stop in time") from None
+    cpu1 = server.cpu_seconds() if isinstance(server, ServerProcess) else 0.0
+    if code != 0 or not out.exists():
+        log = (workdir / "loadgen.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"the load generator failed (exit {code}): {log}")
+    data = json.loads(out.read_text())
+    out.unlink()
+    data.pop("answered", None)
+    return LoadResult(server_cpu_s=cpu1 - cpu0, **data)
+
+
+# --- databases ---------------------------------------------------------------------------
+
+
+async def _pg_ok() -> bool:
+    try:
+        conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+def postgres_available() -> bool:
+    return asyncio.run(_pg_ok())
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=10)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def scratch_postgres(label: str) -> Iterator[str]:
+    """A database of this run's own on the local Postgres, dropped at the end."""
+    name = f"videorelay_bench_{label}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+asyncpg://{PG_HOST}/{name}"
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def video_row(
+    *,
+    status: str,
+    now: datetime,
+    due_in: timedelta,
+    task_id: str | None = None,
+    created_ago: timedelta = timedelta(0),
+) -> dict[str, Any]:
+    """Every column of a ``videos`` row, with aware UTC datetimes."""
+    created = now - created_ago
+    return {
+        "id": uuid.uuid4(),
+        "status": status,
+        "image_url": "https://example.com/still.jpg",
+        "prompt": "slow zoom",
+        "resolution": "1080p",
+        "duration": 5,
+        "idempotency_key": None,
+        "task_id": task_id,
+        "error_code": None,
+        "error_message": None,
+        "due_at": now + due_in,
+        "lease_owner": None,
+        "submit_attempts": 1 if task_id else 0,
+        "ambiguous_submits": 0,
+        "poll_attempts": 0,
+        "download_attempts": 0,
+        "last_error": None,
+        "output_url": "https://temp.hiapi.ai/clip.mp4" if status == "downloading" else None,
+        "output_expires_at": now + timedelta(hours=1) if status == "downloading" else None,
+        "completed_via": None,
+        "size_bytes": None,
+        "sha256": None,
+        "storage_key": None,
+        "created_at": created,
+        "updated_at": created,
+        "submitted_at": created if task_id else None,
+        "task_finished_at": None,
+        "ready_at": None,
+    }
+
+
+async def insert_videos(url: str, rows: Iterable[dict[str, Any]], chunk: int = 50_000) -> None:
+    """Bulk-insert rows made by ``video_row``: COPY on Postgres, executemany on SQLite.
+
+    ``rows`` may be a generator: it is consumed ``chunk`` rows at a time, so a million rows
+    never sit in memory at once. The table is ANALYZEd at the end.
+    """
+    iterator = iter(rows)
+    batches = iter(lambda: list(itertools.islice(iterator, chunk)), [])
+    if url.startswith("postgresql"):
+        dsn = url.replace("postgresql+asyncpg://", "postgresql://")
+        conn = await asyncpg.connect(dsn)
+        try:
+            for batch in batches:
+                columns = list(batch[0])
+                records = [tuple(_naive(row[c]) for c in columns) for row in batch]
+                await conn.copy_records_to_table("videos", records=records, columns=columns)
+            await conn.execute("ANALYZE videos")
+        finally:
+            await conn.close()
+        return
+    from sqlalchemy import insert
+
+    from app.db import create_engine
+    from app.models import Video
+
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            for batch in batches:
+                await conn.execute(insert(Video), batch)
+            await conn.exec_driver_sql("ANALYZE")
+    finally:
+        await engine.dispose()
+
+
+def _naive(value: Any) -> Any:
+    """The ``videos`` timestamps are naive UTC in the database (see ``app.db.UTCDateTime``)."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+@contextlib.contextmanager
+def database(kind: str, label: str, workdir: Path) -> Iterator[str]:
+    """A migrated scratch database: a SQLite file in ``workdir`` or a Postgres database."""
+    from app.migrate import upgrade
+
+    if kind == "sqlite":
+        path = workdir / f"{label}.db"
+        url = f"sqlite+aiosqlite:///{path}"
+        upgrade(url)
+        try:
+            yield url
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return
+    with scratch_postgres(label) as url:
+        upgrade(url)
+        yield url
+
+
+def service_env(database_url: str, workdir: Path, **overrides: str) -> dict[str, str]:
+    """Environment of a videorelay subprocess: none of the caller's settings leak in."""
+    from app.config import Settings
+
+    env = child_env()
+    for name in Settings.model_fields:
+        env.pop(name, None)
+    env.update(
+        DATABASE_URL=database_url,
+        WEBHOOK_SECRET=BENCH_SECRET,
+        HIAPI_KEY="sk-bench-0123456789",
+        # Nothing listens there: a poll or submit the bench did not plan fails fast.
+        HIAPI_BASE_URL=f"http://127.0.0.1:{free_port()}",
+        STORAGE_DIR=str(workdir / "videos"),
+        LOG_LEVEL="INFO",
+    )
+    env.update(overrides)
+    return env

@@ -1,0 +1,135 @@
+"""Runs the scenarios in order, each in a scratch directory, then publishes the report.
+
+A scenario that fails is reported as failed (with its error) and the others still run; the
+exit code is then 1. Everything the bench starts is stopped before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from app.bench import download, e2e, reconciler, report, submit, webhook
+from app.bench.common import PG_ADMIN_DSN, BenchConfig, ScenarioResult, postgres_available
+
+__all__ = ["SCENARIOS", "BenchError", "run_bench"]
+
+SCENARIOS: list[tuple[str, str, Callable[[BenchConfig], ScenarioResult]]] = [
+    ("webhook", "Webhook ack", webhook.run),
+    ("download", "Download", download.run),
+    ("reconciler", "Reconciler at scale", reconciler.run),
+    ("submit", "Submit overhead", submit.run),
+    ("e2e", "End to end", e2e.run),
+]
+
+
+class BenchError(Exception):
+    """The bench cannot run as asked (for example, Postgres requested but unreachable)."""
+
+
+def _databases(choice: str) -> tuple[tuple[str, ...], str | None]:
+    if choice == "sqlite":
+        return ("sqlite",), None
+    if postgres_available():
+        return (("postgres",) if choice == "postgres" else ("sqlite", "postgres")), None
+    if choice == "postgres":
+        raise BenchError(f"Postgres is not reachable at {PG_ADMIN_DSN}")
+    return ("sqlite",), f"Postgres not reachable at {PG_ADMIN_DSN}: measured on SQLite only"
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kib / 1024 / 1024:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{os.cpu_count()} × {cpu}{mem}, {platform.system()} {platform.release()}"
+
+
+async def _pg_version() -> str:
+    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+    try:
+        return str(await conn.fetchval("SHOW server_version"))
+    finally:
+        await conn.close()
+
+
+def _versions(databases: tuple[str, ...]) -> str:
+    parts = [f"Python {platform.python_version()}"]
+    for dist in ("fastapi", "uvicorn", "sqlalchemy", "httpx", "asyncpg", "aiosqlite", "uvloop"):
+        try:
+            parts.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    parts.append(f"SQLite {sqlite3.sqlite_version}")
+    if "postgres" in databases:
+        try:
+            parts.append(f"PostgreSQL {asyncio.run(_pg_version())}")
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            pass
+    return ", ".join(parts)
+
+
+def run_bench(*, quick: bool, json_path: Path | None, database: str) -> int:
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    databases, db_note = _databases(database)
+    mode = "quick" if quick else "full"
+    report.progress(f"{mode} run on {', '.join(databases)}")
+    results: list[ScenarioResult] = []
+    with tempfile.TemporaryDirectory(prefix="videorelay-bench-") as tmp:
+        for name, title, scenario in SCENARIOS:
+            cfg = BenchConfig(quick=quick, databases=databases, workdir=Path(tmp) / name)
+            cfg.workdir.mkdir()
+            t0 = time.monotonic()
+            report.progress(f"{name} ...")
+            try:
+                result = scenario(cfg)
+            except Exception as exc:
+                trace = traceback.format_exc(limit=-3).strip().splitlines()
+                result = ScenarioResult(name, title, error=f"{type(exc).__name__}: {exc}")
+                result.notes.append("Traceback (last frames): " + " / ".join(trace[-6:]))
+            result.seconds = time.monotonic() - t0
+            report.progress(
+                f"{name} {'FAILED' if result.error else 'done'} in {result.seconds:.1f} s"
+            )
+            results.append(result)
+    if db_note is not None:
+        results[0].notes.insert(0, db_note)
+    meta: dict[str, Any] = {
+        "mode": mode,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "databases": list(databases),
+        "machine": _machine(),
+        "versions": _versions(databases),
+        "python": sys.version.split()[0],
+        "total_seconds": time.monotonic() - started,
+        # The machine may be shared: a high load average before the run means other work
+        # competed with it (every ratio is still taken within the run).
+        "loadavg_1min_before": load_before,
+        "loadavg_1min_after": os.getloadavg()[0],
+    }
+    report.publish(meta, results, json_path)
+    return 1 if any(r.error for r in results) else 0
