@@ -268,6 +268,56 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+class LoadBalancer:
+    """What production puts in front of the replicas: one public address (PUBLIC_BASE_URL)
+    that hiapi's callbacks reach on whichever replica is alive. Each connection goes to the
+    next replica in turn; a replica that refuses (killed) is skipped."""
+
+    def __init__(self, ports: Callable[[], list[int]]) -> None:
+        self._ports = ports
+        self._turn = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ports = self._ports()
+        self._turn += 1
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        for i in range(len(ports)):
+            port = ports[(self._turn + i) % len(ports)]
+            try:
+                upstream = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                continue
+        if upstream is None:
+            writer.close()  # no replica alive: the caller (hiapi) retries later
+            return
+        up_reader, up_writer = upstream
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(OSError):
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+
 @dataclass
 class Replica:
     index: int
@@ -312,6 +362,8 @@ class ChaosRun:
         self.created_at = time.time()
         self.started_at = self.created_at
         self._http: httpx.AsyncClient | None = None
+        self.balancer = LoadBalancer(lambda: [r.port for r in self.replicas])
+        self.public_url = ""
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -416,7 +468,8 @@ class ChaosRun:
             "HIAPI_BASE_URL": self.sim_url,
             "DOWNLOAD_ALLOWED_HOSTS": self.sim_url,
             "WEBHOOK_SECRET": self.webhook_secret,
-            "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+            # Every replica is reached through the balancer, as behind a real load balancer.
+            "PUBLIC_BASE_URL": self.public_url,
         }
 
     async def _migrate(self) -> None:
@@ -665,6 +718,9 @@ class ChaosRun:
             _say(f"workdir {self.workdir}, seed {self.seed}, database {self.o.database}")
             await self._create_database()
             await self._start_simulator()
+            balancer_port = self._new_port()
+            self.public_url = f"http://127.0.0.1:{balancer_port}"
+            await self.balancer.start(balancer_port)
             await self._migrate()
             await self._start_replicas()
             _say(
@@ -686,6 +742,7 @@ class ChaosRun:
                 _say(f"timed out after {self.o.timeout:.0f}s; collecting what there is")
             await asyncio.sleep(SETTLE_SECONDS)
             await asyncio.gather(*(r.child.terminate(STOP_GRACE) for r in self.replicas))
+            await self.balancer.close()
             tasks, sim_stats = await self._sim_details()
             if self.sim_child is not None:
                 await self.sim_child.terminate(STOP_GRACE)

@@ -219,8 +219,13 @@ def _causes(data: RunData, tasks: list[SimTaskInfo]) -> list[str]:
     causes = []
     for task in sorted(tasks, key=lambda t: t.created_at)[:-1]:
         window_end = task.created_at + data.hiapi_timeout_seconds + SUBMIT_KILL_SLACK_SECONDS
+        # Behind the balancer the callback URL names the balancer, not the replica that sent
+        # the create; then any kill in the window counts.
+        replica_ports = {k.port for k in data.kills}
+        same_replica = task.replica_port in replica_ports
         killed = any(
-            k.port == task.replica_port and task.created_at - 0.2 <= k.killed_at <= window_end
+            (k.port == task.replica_port or not same_replica)
+            and task.created_at - 0.2 <= k.killed_at <= window_end
             for k in data.kills
         )
         if task.create_timed_out:
