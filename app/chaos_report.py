@@ -9,6 +9,10 @@ Definitions used below:
 
 * **lost**: a submitted video that is not terminal at the end, a video that is not ``ready``
   although one of its upstream tasks succeeded, or a submit that never got a video.
+  Excepted, and counted apart as **unreported paid clips**: a succeeded task whose id never
+  reached videorelay because its create was ambiguous (timed out, or the replica died during
+  the call) *and* hiapi dropped its callback. No client of hiapi can find such a task (there
+  is no idempotency key and no task listing); the README states this limit.
 * **downloaded twice**: an output file of a video (any of its tasks) served *completely* a
   second time without a replica having been SIGKILLed while the earlier download ran or
   within ``KILL_EXPLAINS_SECONDS`` after its last byte. Such a kill explains it (the killed
@@ -237,7 +241,9 @@ def _causes(data: RunData, tasks: list[SimTaskInfo]) -> list[str]:
     return causes
 
 
-def _lost(data: RunData, tasks_by_video: dict[str, list[SimTaskInfo]]) -> list[dict[str, Any]]:
+def _lost(
+    data: RunData, tasks_by_video: dict[str, list[SimTaskInfo]], unreported: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     lost: list[dict[str, Any]] = []
     for video in data.videos:
         if video.status not in TERMINAL:
@@ -246,6 +252,24 @@ def _lost(data: RunData, tasks_by_video: dict[str, list[SimTaskInfo]]) -> list[d
         tasks = tasks_by_video.get(video.id, [])
         succeeded = [t.task_id for t in tasks if t.status == "success"]
         if video.status != "ready" and succeeded:
+            causes = _causes(data, tasks)
+            ordered = sorted(tasks, key=lambda t: t.created_at)
+            never_reported = all(
+                t.drop_callback and cause != "unexplained"
+                for t, cause in zip(ordered[:-1], causes, strict=False)
+                if t.status == "success"
+            ) and all(t.task_id != ordered[-1].task_id for t in ordered[:-1])
+            if never_reported and ordered[-1].status != "success":
+                unreported.append(
+                    {
+                        "video_id": video.id,
+                        "reason": f"task {succeeded[0]}: ambiguous create and dropped callback; "
+                        f"the video ended {video.status} ({video.error_code}) on the next task",
+                        "tasks": _chain(data, tasks),
+                        "causes": causes,
+                    }
+                )
+                continue
             lost.append(
                 {
                     "video_id": video.id,
@@ -414,7 +438,8 @@ def build_report(data: RunData) -> dict[str, Any]:
 
     statuses = Counter(v.status for v in data.videos)
     failed_by_code = Counter(v.error_code or "unknown" for v in data.videos if v.status == "failed")
-    lost = _lost(data, tasks_by_video)
+    unreported: list[dict[str, Any]] = []
+    lost = _lost(data, tasks_by_video, unreported)
     twice, after_kill, interrupted, complete_total = _downloads(data, tasks_by_video)
     recovered = [v for v in data.videos if v.completed_via == "poll"]
     recovered_dropped = sum(
@@ -431,6 +456,8 @@ def build_report(data: RunData) -> dict[str, Any]:
         "not_terminal": {s: n for s, n in sorted(statuses.items()) if s not in TERMINAL},
         "lost": len(lost),
         "lost_examples": lost[:EXAMPLES],
+        "unreported_paid_clips": len(unreported),
+        "unreported_examples": unreported[:EXAMPLES],
         "downloaded_twice": len(twice),
         "downloaded_twice_examples": twice[:EXAMPLES],
         "redownloaded_after_kill": after_kill,
@@ -514,6 +541,8 @@ def render_text(report: dict[str, Any]) -> str:
         f"| ready | {report['ready']} |",
         f"| failed | {report['failed']} ({_fmt_counts(report['failed_by_code'])}) |",
         f"| lost | {report['lost']} {_mark(report['lost'] == 0)} |",
+        f"| paid clips hiapi never reported (ambiguous create + dropped callback) | "
+        f"{report['unreported_paid_clips']} |",
         f"| downloaded twice | {report['downloaded_twice']} "
         f"{_mark(report['downloaded_twice'] == 0)} (re-downloaded after a SIGKILL: "
         f"{report['redownloaded_after_kill']}; interrupted downloads: "
@@ -570,6 +599,7 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append("not terminal: " + _fmt_counts(report["not_terminal"]))
     for title, key in (
         ("lost", "lost_examples"),
+        ("never reported", "unreported_examples"),
         ("downloaded twice", "downloaded_twice_examples"),
     ):
         for item in report[key]:
