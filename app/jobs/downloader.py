@@ -133,7 +133,8 @@ class Downloader:
             return
         lost = asyncio.Event()
         started = asyncio.get_running_loop().time()
-        heartbeat = asyncio.create_task(self._heartbeat(video_id, owner, lost))
+        finished = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(video_id, owner, lost, finished))
         try:
             # ``_copy`` aborts its writer on every way out but success: nothing to clean here.
             size, digest, key = await self._until_stopped(self._copy(video_id, owner, url, lost))
@@ -170,7 +171,10 @@ class Downloader:
             await asyncio.shield(self._abandon(video_id, owner))
             raise
         finally:
-            heartbeat.cancel()
+            # Never cancel the heartbeat: cancelling it inside its transaction could leave a
+            # connection holding a write lock. It notices ``finished`` and ends by itself.
+            finished.set()
+            await asyncio.shield(heartbeat)
         async with self._sm() as session, session.begin():
             ready = await lifecycle.mark_ready(
                 session,
@@ -235,12 +239,17 @@ class Downloader:
             raise Stopped("shutdown")
         return task.result()
 
-    async def _heartbeat(self, video_id: uuid.UUID, owner: str, lost: asyncio.Event) -> None:
+    async def _heartbeat(
+        self, video_id: uuid.UUID, owner: str, lost: asyncio.Event, finished: asyncio.Event
+    ) -> None:
         """Renew the lease on a timer, whatever the transfer is doing (waiting for headers,
         stalled, fsyncing), so a slow download is never mistaken for a dead one."""
         every = self._settings.lease.total_seconds() / 3
         while True:
-            await asyncio.sleep(every)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), every)
+            if finished.is_set():
+                return
             try:
                 async with self._sm() as session, session.begin():
                     held = await lifecycle.renew_lease(
@@ -326,14 +335,19 @@ class Downloader:
         return total, hasher.hexdigest()
 
     async def _renew(self, video_id: uuid.UUID, owner: str) -> None:
-        async with self._sm() as session, session.begin():
-            held = await lifecycle.renew_lease(
-                session,
-                video_id=video_id,
-                owner=owner,
-                now=self._clock(),
-                lease=self._settings.lease,
-            )
+        async def renew() -> bool:
+            async with self._sm() as session, session.begin():
+                return await lifecycle.renew_lease(
+                    session,
+                    video_id=video_id,
+                    owner=owner,
+                    now=self._clock(),
+                    lease=self._settings.lease,
+                )
+
+        # Shielded: a shutdown that cancels the copy must not cut this transaction in half,
+        # which could leave the connection holding the row (Postgres) or the file (SQLite).
+        held = await asyncio.shield(renew())
         if not held:
             raise Stopped("lease lost")
 
