@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from app.hiapi.schemas import DURATION_MAX, DURATION_MIN, image_url_errors
 from app.models import Notification, Video
@@ -100,7 +100,27 @@ class NotifyOut(BaseModel):
     last_error: str | None
 
 
+VIDEO_EXAMPLE: dict[str, JsonValue] = {
+    "id": "5f0c7d7e-8c1b-4f0e-9a55-1d2b3c4d5e6f",
+    "status": "ready",
+    "image_url": "https://example.com/still.jpg",
+    "image_id": None,
+    "prompt": "slow zoom out",
+    "resolution": "1080p",
+    "duration": 5,
+    "task_id": "tk-hiapi-01KW3D",
+    "error": None,
+    "size_bytes": 45091,
+    "sha256": "9106a689ea9550df1b44a4a5825a9a0dd022d666807acc54f325d34c69fe383b",
+    "content_url": "https://relay.example.com/v1/videos/5f0c7d7e-8c1b-4f0e-9a55-1d2b3c4d5e6f/content",
+    "notify": None,
+    "created_at": "2026-11-28T16:45:09.379107Z",
+    "updated_at": "2026-11-28T16:45:11.451912Z",
+}
+
+
 class VideoOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [VIDEO_EXAMPLE]})
     id: uuid.UUID
     status: Literal["queued", "processing", "downloading", "ready", "failed"]
     image_url: str
@@ -157,6 +177,22 @@ class VideoOut(BaseModel):
 
 
 class ImageOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "0b7c1f1e-2d3a-4b5c-8d9e-0f1a2b3c4d5e",
+                    "url": "https://relay.example.com/i/4Jq9cX2bXbP1w0xk3m7T1qg5mZkq8Y1a.png",
+                    "content_type": "image/png",
+                    "width": 1280,
+                    "height": 720,
+                    "size_bytes": 183422,
+                    "sha256": "f475006c3c22aa1e5d2c9a9f4c6d1a0b8e2f3c4d5e6f708192a3b4c5d6e7f809",
+                    "created_at": "2026-11-28T16:44:02.102Z",
+                }
+            ]
+        }
+    )
     id: uuid.UUID = Field(description="Pass as `image_id` to `POST /v1/videos`.")
     url: str = Field(description="Public, unguessable URL hiapi fetches the image from.")
     content_type: Literal["image/jpeg", "image/png", "image/webp"]
@@ -168,6 +204,9 @@ class ImageOut(BaseModel):
 
 
 class VideoPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [VIDEO_EXAMPLE], "next_cursor": None}]}
+    )
     items: list[VideoOut]
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null at the end."
@@ -181,4 +220,18 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "validation_error",
+                        "message": "duration: must be a whole number of seconds from 3 to 15 "
+                        "(got 30)",
+                        "field": "duration",
+                    }
+                }
+            ]
+        }
+    )
     error: ErrorDetail

@@ -59,7 +59,22 @@ class TestProbes:
             "/healthz",
             "/readyz",
         } <= set(spec["paths"])
-        assert "ErrorOut" in spec["components"]["schemas"]
+        schemas = spec["components"]["schemas"]
+        assert "ErrorOut" in schemas and schemas["ErrorOut"].get("examples")
+        for path, methods in spec["paths"].items():
+            for method, op in methods.items():
+                where = f"{method.upper()} {path}"
+                assert op.get("summary"), f"{where} has no summary"
+                if path.startswith(("/v1/", "/webhooks/")):
+                    errors = [r for code, r in op["responses"].items() if code.startswith("4")]
+                    assert any("ErrorOut" in str(r.get("content", {})) for r in errors), (
+                        f"{where} documents no error schema"
+                    )
+                    ok = next(r for code, r in op["responses"].items() if code.startswith("2"))
+                    json_schema = ok.get("content", {}).get("application/json", {}).get("schema")
+                    if json_schema and "$ref" in json_schema:
+                        name = json_schema["$ref"].rsplit("/", 1)[1]
+                        assert schemas[name].get("examples"), f"{where}: {name} has no example"
 
 
 def run_cli(

@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from app import lifecycle
 from app.api.deps import ContextDep
@@ -34,7 +34,11 @@ MAX_CALLBACK_BYTES = 256 * 1024
 
 
 class CallbackAck(BaseModel):
-    outcome: str
+    model_config = ConfigDict(json_schema_extra={"examples": [{"outcome": "download_claimed"}]})
+
+    outcome: str = Field(
+        description="download_claimed, failed, adopted, pending, duplicate or stale_task."
+    )
 
 
 async def _read_capped(request: Request) -> bytes:
