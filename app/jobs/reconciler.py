@@ -119,11 +119,20 @@ class Reconciler:
             setattr(self.totals, key, getattr(self.totals, key) + value)
         return stats
 
-    async def _claim(self, status: Status, hold: timedelta) -> tuple[str, list[Video]]:
+    async def _claim(
+        self, status: Status, hold: timedelta, limit: int | None = None
+    ) -> tuple[str, list[Video]]:
         owner = uuid.uuid4().hex
+        if limit == 0:
+            return owner, []
         async with self._sm() as session, session.begin():
             rows = await lifecycle.claim_due(
-                session, status=status, now=self._clock(), hold=hold, owner=owner, limit=self._batch
+                session,
+                status=status,
+                now=self._clock(),
+                hold=hold,
+                owner=owner,
+                limit=min(limit, self._batch) if limit is not None else self._batch,
             )
         return owner, rows
 
@@ -229,7 +238,11 @@ class Reconciler:
             log.warning("reconciler.gave_up code=%s", code)
 
     async def _resume_downloads(self, stats: ReconcileStats) -> None:
-        owner, videos = await self._claim(Status.downloading, self._lease)
+        # Claim no more than this replica can start now: a claimed download waiting for a
+        # slot would outlive its lease and be claimed again elsewhere, over and over.
+        owner, videos = await self._claim(
+            Status.downloading, self._lease, limit=self._runner.free_slots
+        )
         for video in videos:
             stats.downloads_resumed += 1
             self._runner.start_download(video.id, owner)

@@ -24,7 +24,13 @@ class JobRunner:
         self._downloader = downloader
         self._stop = stop
         self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def free_slots(self) -> int:
+        """Downloads this process could start right now (running and waiting ones count)."""
+        return max(0, self._concurrency - len(self._tasks))
 
     @property
     def active(self) -> int:
