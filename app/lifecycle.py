@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, case, func, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -495,28 +495,48 @@ async def claim_due(
     owner: str,
     limit: int,
 ) -> list[Video]:
-    """Take up to ``limit`` rows of ``status`` whose ``due_at`` has passed.
+    """Take up to ``limit`` videos of ``status`` whose ``due_at`` has passed."""
+    values: dict[str, Any] = {"updated_at": now}
+    if status == Status.downloading:
+        values["download_attempts"] = Video.download_attempts + 1
+    return await _claim_rows(
+        session, Video, status=status, now=now, hold=hold, owner=owner, limit=limit, **values
+    )
 
-    One statement: the inner SELECT skips rows another replica has locked (Postgres), the
-    UPDATE pushes ``due_at`` forward so nobody else picks them up until ``hold`` passes.
-    SQLite serializes writers, so the same statement is safe there without SKIP LOCKED.
+
+ClaimedRow = TypeVar("ClaimedRow", Video, Notification)
+
+
+async def _claim_rows(
+    session: AsyncSession,
+    model: type[ClaimedRow],
+    *,
+    status: str,
+    now: datetime,
+    hold: timedelta,
+    owner: str,
+    limit: int,
+    **values: Any,
+) -> list[ClaimedRow]:
+    """The one claim statement, for videos and notifications alike.
+
+    The inner SELECT skips rows another replica has locked (Postgres); the UPDATE pushes
+    ``due_at`` forward so nobody else picks them up until ``hold`` passes. SQLite serializes
+    writers, so the same statement is safe there without SKIP LOCKED.
     """
     due = (
-        select(Video.id)
-        .where(Video.status == status, Video.due_at <= now)
-        .order_by(Video.due_at)
+        select(model.id)
+        .where(model.status == status, model.due_at <= now)
+        .order_by(model.due_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    values: dict[str, Any] = {"due_at": now + hold, "lease_owner": owner, "updated_at": now}
-    if status == Status.downloading:
-        values["download_attempts"] = Video.download_attempts + 1
     stmt = (
-        update(Video)
-        .where(Video.id.in_(due), Video.status == status, Video.due_at <= now)
-        .values(**values)
-        .returning(Video)
+        update(model)
+        .where(model.id.in_(due), model.status == status, model.due_at <= now)
+        .values(due_at=now + hold, lease_owner=owner, **values)
+        .returning(model)
     )
     result = await session.execute(stmt, execution_options={"synchronize_session": False})
     return list(result.scalars().all())
@@ -632,27 +652,16 @@ async def fail_download(
 async def claim_notifications(
     session: AsyncSession, *, now: datetime, hold: timedelta, owner: str, limit: int
 ) -> list[Notification]:
-    """Take due deliveries; same single-statement claim as ``claim_due``."""
-    due = (
-        select(Notification.id)
-        .where(Notification.status == NotifyStatus.pending, Notification.due_at <= now)
-        .order_by(Notification.due_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
+    """Take due deliveries, with the same claim as ``claim_due``."""
+    return await _claim_rows(
+        session,
+        Notification,
+        status=NotifyStatus.pending.value,
+        now=now,
+        hold=hold,
+        owner=owner,
+        limit=limit,
     )
-    stmt = (
-        update(Notification)
-        .where(
-            Notification.id.in_(due),
-            Notification.status == NotifyStatus.pending,
-            Notification.due_at <= now,
-        )
-        .values(due_at=now + hold, lease_owner=owner)
-        .returning(Notification)
-    )
-    result = await session.execute(stmt, execution_options={"synchronize_session": False})
-    return list(result.scalars().all())
 
 
 async def record_delivery(
