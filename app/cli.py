@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="both",
         help="default both (SQLite only, with a note, if Postgres is unreachable)",
     )
+    bench.add_argument(
+        "--only",
+        default="",
+        metavar="NAMES",
+        help="comma-separated scenarios to run (webhook, download, reconciler, submit, e2e); "
+        "default all",
+    )
     return parser
 
 
@@ -254,7 +261,12 @@ def _bench(args: argparse.Namespace) -> int:
     from app.bench.runner import BenchError, run_bench
 
     try:
-        return run_bench(quick=args.quick, json_path=Path(args.json_path), database=args.database)
+        return run_bench(
+            quick=args.quick,
+            json_path=Path(args.json_path),
+            database=args.database,
+            only=[name for name in args.only.split(",") if name],
+        )
     except BenchError as exc:
         print(f"videorelay bench: {exc}", file=sys.stderr)
         return 2

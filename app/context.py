@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app import lifecycle
 from app.auth import ApiKeys
 from app.config import Settings
+from app.group_commit import GroupCommit
 from app.hiapi.client import HiapiClient
 from app.jobs.downloader import Downloader, DownloadSettings
 from app.jobs.hosts import HostAllowlist
@@ -25,6 +26,7 @@ from app.jobs.notifier import Notifier, secret_bytes
 from app.jobs.reconciler import Reconciler
 from app.jobs.runner import JobRunner
 from app.jobs.submitter import SubmitPolicy
+from app.lifecycle import TaskReport
 from app.metrics import METRICS
 from app.schemas import VideoOut
 from app.security import callback_url
@@ -53,6 +55,7 @@ class AppContext:
     stop: asyncio.Event
     api_keys: ApiKeys
     notifier: Notifier
+    callbacks: GroupCommit[TaskReport, lifecycle.ApplyOutcome]
     shutting_down: bool = False
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -200,4 +203,12 @@ def build_context(
         stop=stop,
         api_keys=ApiKeys.load(settings.API_KEYS.get_secret_value(), settings.API_KEYS_FILE),
         notifier=notifier,
+        callbacks=GroupCommit(
+            sessionmaker,
+            lambda session, reports: lifecycle.apply_reports(
+                session, reports, now=clock(), lease=lease
+            ),
+            key=lambda report: report.video_id.hex,
+            name="callbacks",
+        ),
     )

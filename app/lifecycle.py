@@ -16,16 +16,31 @@ State machine::
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import and_, case, func, literal, or_, select, update
+from sqlalchemy import (
+    String,
+    Table,
+    Text,
+    Uuid,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from app.db import UTCDateTime
 from app.hiapi.schemas import Task, TaskStatus
@@ -35,6 +50,8 @@ __all__ = [
     "ApplyOutcome",
     "Created",
     "NewVideo",
+    "TaskReport",
+    "apply_reports",
     "apply_task",
     "claim_download",
     "claim_due",
@@ -80,6 +97,7 @@ class ApplyOutcome(StrEnum):
     duplicate = "duplicate"  # already applied (or video already terminal): nothing to do
     stale_task = "stale_task"  # another task of this video, no longer the one that counts
     foreign_task = "foreign_task"  # the task id belongs to another video: rejected
+    unknown_video = "unknown_video"  # no such video: rejected
 
 
 async def create_video(
@@ -159,23 +177,12 @@ async def _update_returning(session: AsyncSession, where: Any, **values: Any) ->
 
 
 async def _finish(session: AsyncSession, where: Any, now: datetime, **values: Any) -> Video | None:
-    """A transition into ``ready`` or ``failed``. In the same transaction, queue the
-    notify_url delivery: it is sent if and only if the video really ended."""
+    """A transition into ``ready`` or ``failed``, with its notify_url delivery queued."""
     video = await _update_returning(session, where, **values)
     if video is not None and video.notify_url:
-        session.add(
-            Notification(
-                id=uuid.uuid4(),
-                video_id=video.id,
-                url=video.notify_url,
-                event=f"video.{video.status}",
-                status=NotifyStatus.pending.value,
-                attempts=0,
-                due_at=now,
-                created_at=now,
-            )
+        await _queue_notification(
+            session, video_id=video.id, url=video.notify_url, status=video.status, now=now
         )
-        await session.flush()
     return video
 
 
@@ -318,6 +325,123 @@ async def record_submit_retry(
 
 
 # --- the task's result (webhook and reconciler alike) ------------------------------------
+#
+# This is the webhook's hot path, so its statements are built once, as Core statements with
+# bound parameters: SQLAlchemy then reuses the compiled SQL (and asyncpg its prepared
+# statement) instead of rebuilding an ORM expression for every callback. Each returns only
+# what the caller needs.
+
+_videos = cast(Table, Video.__table__)
+_notifications = cast(Table, Notification.__table__)
+_p_video = bindparam("p_video", type_=Uuid())
+_p_task = bindparam("p_task", type_=String())
+_p_now = bindparam("p_now", type_=UTCDateTime())
+# Literal values, not an expanding IN: its parameters would be re-rendered on every call.
+_waiting = _videos.c.status.in_([literal_column(f"'{s.value}'") for s in WAITING_FOR_TASK])
+_belongs = and_(
+    _videos.c.id == _p_video,
+    _waiting,
+    or_(_videos.c.task_id.is_(None), _videos.c.task_id == _p_task),
+)
+_task_done: dict[str, Any] = {
+    "task_id": _p_task,
+    "completed_via": bindparam("p_via", type_=String()),
+    "task_finished_at": _p_now,
+    "submitted_at": func.coalesce(_videos.c.submitted_at, _p_now),
+    "updated_at": _p_now,
+}
+_claimed: dict[str, Any] = {
+    "status": Status.downloading.value,
+    "output_url": bindparam("p_url", type_=Text()),
+    "output_expires_at": bindparam("p_expires", type_=UTCDateTime()),
+    "due_at": bindparam("p_due", type_=UTCDateTime()),
+    "lease_owner": bindparam("p_owner", type_=String()),
+    "download_attempts": 1,
+    **_task_done,
+}
+_ADOPT = (
+    update(_videos)
+    .where(
+        _videos.c.id == _p_video,
+        _videos.c.status == Status.queued.value,
+        _videos.c.task_id.is_(None),
+    )
+    .values(status=Status.processing.value, task_id=_p_task, submitted_at=_p_now, updated_at=_p_now)
+    .returning(_videos.c.id)
+)
+_CLAIM_OUTPUT = update(_videos).where(_belongs).values(**_claimed).returning(_videos.c.id)
+
+
+def _replaceable() -> Any:
+    """The video runs (or failed on) a different task, and ``p_task`` is no other video's:
+    a finished clip of an earlier task of this video (its create was ambiguous, so we never
+    stored its id) arrives on the video's own signed URL."""
+    failed_by_task = and_(
+        _videos.c.status == Status.failed.value,
+        _videos.c.task_finished_at.is_not(None),
+        _videos.c.output_url.is_(None),
+    )
+    other = _videos.alias("other")  # not correlated with the row being updated
+    taken = select(other.c.id).where(other.c.task_id == _p_task).exists()
+    return and_(
+        _videos.c.id == _p_video,
+        _videos.c.task_id.is_not(None),
+        _videos.c.task_id != _p_task,
+        or_(_waiting, failed_by_task),
+        ~taken,
+    )
+
+
+_RESCUE_OUTPUT = (
+    update(_videos)
+    .where(_replaceable())
+    .values(error_code=None, error_message=None, **_claimed)
+    .returning(_videos.c.id)
+)
+_FAIL_TASK = (
+    update(_videos)
+    .where(_belongs)
+    .values(
+        status=Status.failed.value,
+        error_code=bindparam("p_code", type_=String()),
+        error_message=bindparam("p_message", type_=Text()),
+        lease_owner=None,
+        **_task_done,
+    )
+    .returning(_videos.c.id, _videos.c.status, _videos.c.notify_url)
+)
+_TASK_OF_VIDEO = select(_videos.c.task_id).where(_videos.c.id == _p_video)
+_TASKS_OF_VIDEOS = select(_videos.c.id, _videos.c.task_id).where(
+    _videos.c.id.in_(bindparam("p_videos", expanding=True))
+)
+_VIDEO_OF_TASK = select(_videos.c.id).where(_videos.c.task_id == _p_task)
+_QUEUE_NOTIFICATION = insert(_notifications).values(
+    id=bindparam("p_id", type_=Uuid()),
+    video_id=_p_video,
+    url=bindparam("p_url", type_=Text()),
+    event=bindparam("p_event", type_=String()),
+    status=NotifyStatus.pending.value,
+    attempts=0,
+    due_at=_p_now,
+    created_at=_p_now,
+)
+
+
+async def _queue_notification(
+    session: AsyncSession, *, video_id: uuid.UUID, url: str, status: str, now: datetime
+) -> None:
+    """Queue the notify_url delivery in the transaction that ended the video: it is sent if
+    and only if the video really ended."""
+    await session.execute(
+        _QUEUE_NOTIFICATION,
+        {
+            "p_id": uuid.uuid4(),
+            "p_video": video_id,
+            "p_url": url,
+            "p_event": f"video.{status}",
+            "p_now": now,
+        },
+    )
 
 
 async def apply_task(
@@ -329,7 +453,7 @@ async def apply_task(
     owner: str,
     now: datetime,
     lease: timedelta,
-) -> tuple[ApplyOutcome, Video | None]:
+) -> ApplyOutcome:
     """Apply what hiapi says about a task to the video it belongs to.
 
     The guard ``status IN (queued, processing) AND (task_id IS NULL OR task_id = :task)``
@@ -338,56 +462,27 @@ async def apply_task(
     callback that overtook the create response, so it is adopted rather than lost.
     On success the winner also takes the download lease, so exactly one download starts.
     """
-    belongs = and_(
-        Video.id == video_id,
-        Video.status.in_(WAITING_FOR_TASK),
-        or_(Video.task_id.is_(None), Video.task_id == task.taskId),
-    )
+    params: dict[str, Any] = {"p_video": video_id, "p_task": task.taskId, "p_now": now}
     if task.status == TaskStatus.handling:
-        adopted = await _update_returning(
-            session,
-            and_(Video.id == video_id, Video.status == Status.queued, Video.task_id.is_(None)),
-            status=Status.processing,
-            task_id=task.taskId,
-            submitted_at=now,
-            updated_at=now,
-        )
-        if adopted is not None:
-            return ApplyOutcome.adopted, adopted
-        return await _explain_noop(session, video_id, task, ApplyOutcome.pending)
+        if (await session.execute(_ADOPT, params)).first() is not None:
+            return ApplyOutcome.adopted
+        return await _explain_noop(session, params, ApplyOutcome.pending)
 
-    common: dict[str, Any] = {
-        "task_id": task.taskId,
-        "completed_via": via.value,
-        "task_finished_at": now,
-        "submitted_at": func.coalesce(Video.submitted_at, literal(now, UTCDateTime())),
-        "updated_at": now,
-    }
+    params["p_via"] = via.value
     if task.status == TaskStatus.success and task.output:
         out = task.output[0]
-        expires = datetime.fromtimestamp(out.expireAt, UTC) if out.expireAt else None
-        success: dict[str, Any] = {
-            "status": Status.downloading,
-            "output_url": out.url,
-            "output_expires_at": expires,
-            "due_at": now + lease,
-            "lease_owner": owner,
-            "download_attempts": 1,
-            **common,
-        }
-        won = await _update_returning(session, belongs, **success)
-        if won is None:
-            # A finished clip of an earlier task of this video (its create was ambiguous, so
-            # we never stored its id) arrives on the video's own signed URL: keep it rather
-            # than lose a paid clip, unless the video already has one on the way.
-            won = await _update_returning(
-                session,
-                _replaceable_by(video_id, task.taskId),
-                error_code=None,
-                error_message=None,
-                **success,
-            )
-        outcome = ApplyOutcome.download_claimed
+        params.update(
+            p_url=out.url,
+            p_expires=datetime.fromtimestamp(out.expireAt, UTC) if out.expireAt else None,
+            p_due=now + lease,
+            p_owner=owner,
+        )
+        won = (await session.execute(_CLAIM_OUTPUT, params)).first() is not None
+        # A clip of an earlier task of this video: keep it rather than lose a paid clip,
+        # unless the video already has one on the way.
+        won = won or (await session.execute(_RESCUE_OUTPUT, params)).first() is not None
+        if won:
+            return ApplyOutcome.download_claimed
     else:
         if task.status == TaskStatus.success:
             code, message = "no_output", "hiapi reported success without an output URL"
@@ -395,54 +490,236 @@ async def apply_task(
             err = task.error
             code = err.code if err else "unknown"
             message = err.message if err else "hiapi reported the task as failed"
-        won = await _finish(
+        params.update(p_code=code, p_message=message)
+        row = (await session.execute(_FAIL_TASK, params)).first()
+        if row is not None:
+            if row.notify_url:
+                await _queue_notification(
+                    session, video_id=video_id, url=row.notify_url, status=row.status, now=now
+                )
+            return ApplyOutcome.failed
+    return await _explain_noop(session, params, ApplyOutcome.duplicate)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReport:
+    """What hiapi said about a task of a video, and who takes the download if it finished."""
+
+    video_id: uuid.UUID
+    task: Task
+    via: Via
+    owner: str
+
+
+# --- many reports at once (the webhook's group commit) -----------------------------------
+#
+# A burst of callbacks is written as a handful of statements, not one per callback: the
+# common cases (a task failed; a task succeeded with an output) are each one ``UPDATE ...
+# FROM`` over all the batch's rows, with the same guard as ``apply_task``. Postgres gets the
+# rows as arrays (``unnest``), SQLite as one JSON document (``json_each``); either way the SQL
+# text is constant, so it is prepared once. Everything else (handling, a second report of a
+# video in the same batch, a report the bulk statement did not match) goes through
+# ``apply_task`` or the same explanation of a no-op, one by one, after the bulk statements.
+
+_SET_TASK_DONE = """
+    task_id = b.task, completed_via = :via, task_finished_at = :now,
+    submitted_at = COALESCE(v.submitted_at, :now), updated_at = :now"""
+_GUARD = """
+    v.id = b.id AND v.status IN ('queued', 'processing')
+    AND (v.task_id IS NULL OR v.task_id = b.task)"""
+
+
+def _json_rows(*names: str) -> str:
+    fields = ", ".join(f"json_extract(value, '$[{i}]') AS {name}" for i, name in enumerate(names))
+    return f"(SELECT {fields} FROM json_each(:rows)) AS b"
+
+
+_BULK_ROWS = {
+    "postgresql": {
+        "fail": "unnest(CAST(:ids AS UUID[]), CAST(:tasks AS TEXT[]), CAST(:codes AS TEXT[]), "
+        "CAST(:messages AS TEXT[])) AS b(id, task, code, message)",
+        "claim": "unnest(CAST(:ids AS UUID[]), CAST(:tasks AS TEXT[]), CAST(:urls AS TEXT[]), "
+        "CAST(:expires AS TIMESTAMP[]), CAST(:owners AS TEXT[])) AS b(id, task, url, expires, "
+        "owner)",
+    },
+    "sqlite": {
+        "fail": _json_rows("id", "task", "code", "message"),
+        "claim": _json_rows("id", "task", "url", "expires", "owner"),
+    },
+}
+
+
+def _bulk_statement(dialect: str, kind: str) -> Any:
+    rows = _BULK_ROWS[dialect][kind]
+    # SQLite's RETURNING names only the updated table's columns, and unqualified.
+    returning = (
+        "v.id, v.status, v.notify_url" if dialect == "postgresql" else "id, status, notify_url"
+    )
+    if kind == "fail":
+        sql = f"""UPDATE videos AS v SET status = 'failed', error_code = b.code,
+            error_message = b.message, lease_owner = NULL, {_SET_TASK_DONE}
+            FROM {rows} WHERE {_GUARD} RETURNING {returning}"""
+    else:
+        sql = f"""UPDATE videos AS v SET status = 'downloading', output_url = b.url,
+            output_expires_at = b.expires, due_at = :due, lease_owner = b.owner,
+            download_attempts = 1, {_SET_TASK_DONE}
+            FROM {rows} WHERE {_GUARD} RETURNING {returning}"""
+    times = [bindparam("now", type_=UTCDateTime())]
+    if kind == "claim":
+        times.append(bindparam("due", type_=UTCDateTime()))
+    return (
+        text(sql)
+        .bindparams(bindparam("via", type_=String()), *times)
+        .columns(id=Uuid(), status=String(), notify_url=Text())
+    )
+
+
+_BULK = {(d, k): _bulk_statement(d, k) for d in ("postgresql", "sqlite") for k in ("fail", "claim")}
+
+
+def _failure_of(task: Task) -> tuple[str, str]:
+    if task.status == TaskStatus.success:
+        return "no_output", "hiapi reported success without an output URL"
+    err = task.error
+    return (err.code, err.message) if err else ("unknown", "hiapi reported the task as failed")
+
+
+def _expiry(task: Task) -> datetime | None:
+    expire_at = task.output[0].expireAt
+    return datetime.fromtimestamp(expire_at, UTC) if expire_at else None
+
+
+async def apply_reports(
+    session: AsyncSession, reports: list[TaskReport], *, now: datetime, lease: timedelta
+) -> list[ApplyOutcome]:
+    """``apply_task`` for many reports in one transaction, with the same outcomes."""
+    outcomes: list[ApplyOutcome | None] = [None] * len(reports)
+    seen: set[uuid.UUID] = set()
+    fails: list[int] = []
+    claims: list[int] = []
+    later: list[int] = []
+    for i, report in enumerate(reports):
+        if report.video_id in seen or report.task.status == TaskStatus.handling:
+            later.append(i)
+            continue
+        seen.add(report.video_id)
+        is_claim = report.task.status == TaskStatus.success and report.task.output
+        (claims if is_claim else fails).append(i)
+
+    dialect = session.get_bind().dialect
+    via = {reports[i].via.value for i in fails + claims}
+    unmatched: list[int] = []
+    for kind, chosen, outcome in (
+        ("fail", fails, ApplyOutcome.failed),
+        ("claim", claims, ApplyOutcome.download_claimed),
+    ):
+        # One statement per kind and ``via`` (a batch from the webhook has a single one).
+        for one_via in sorted(via):
+            group = [i for i in chosen if reports[i].via.value == one_via]
+            if not group:
+                continue
+            params = _bulk_params(dialect, kind, [reports[i] for i in group], now, lease)
+            result = await session.execute(_BULK[(_dialect_key(dialect.name), kind)], params)
+            won = {row.id: row for row in result}
+            for i in group:
+                row = won.get(reports[i].video_id)
+                if row is None:
+                    unmatched.append(i)
+                    continue
+                outcomes[i] = outcome
+                if kind == "fail" and row.notify_url:  # the video ended: tell its notify_url
+                    await _queue_notification(
+                        session,
+                        video_id=row.id,
+                        url=row.notify_url,
+                        status=row.status,
+                        now=now,
+                    )
+    # Reports the bulk statements did not match are mostly duplicates: one SELECT tells.
+    if unmatched:
+        ids = [reports[i].video_id for i in unmatched]
+        current = dict((await session.execute(_TASKS_OF_VIDEOS, {"p_videos": ids})).all())
+        for i in unmatched:
+            report = reports[i]
+            if report.video_id not in current:
+                outcomes[i] = ApplyOutcome.unknown_video
+            elif current[report.video_id] in (None, report.task.taskId):
+                outcomes[i] = ApplyOutcome.duplicate
+            else:
+                later.append(i)  # another task's report: stale, foreign, or a clip to rescue
+    for i in sorted(later):
+        report = reports[i]
+        outcomes[i] = await apply_task(
             session,
-            belongs,
-            now,
-            status=Status.failed,
-            error_code=code,
-            error_message=message,
-            lease_owner=None,
-            **common,
+            video_id=report.video_id,
+            task=report.task,
+            via=report.via,
+            owner=report.owner,
+            now=now,
+            lease=lease,
         )
-        outcome = ApplyOutcome.failed
-    if won is not None:
-        return outcome, won
-    return await _explain_noop(session, video_id, task, ApplyOutcome.duplicate)
+    return [outcome for outcome in outcomes if outcome is not None]
 
 
-def _replaceable_by(video_id: uuid.UUID, task_id: str) -> Any:
-    """The video runs (or failed on) a different task, and ``task_id`` is no other video's."""
-    failed_by_task = and_(
-        Video.status == Status.failed,
-        Video.task_finished_at.is_not(None),
-        Video.output_url.is_(None),
-    )
-    other = aliased(Video)  # not correlated with the row being updated
-    taken = select(other.id).where(other.task_id == task_id).exists()
-    return and_(
-        Video.id == video_id,
-        Video.task_id.is_not(None),
-        Video.task_id != task_id,
-        or_(Video.status.in_(WAITING_FOR_TASK), failed_by_task),
-        ~taken,
-    )
+def _dialect_key(name: str) -> str:
+    return "postgresql" if name == "postgresql" else "sqlite"
+
+
+def _bulk_params(
+    dialect: Any, kind: str, reports: list[TaskReport], now: datetime, lease: timedelta
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"via": reports[0].via.value, "now": now}
+    if kind == "fail":
+        columns: list[list[Any]] = [
+            [r.video_id for r in reports],
+            [r.task.taskId for r in reports],
+            *map(list, zip(*(_failure_of(r.task) for r in reports), strict=True)),
+        ]
+        names = ["ids", "tasks", "codes", "messages"]
+    else:
+        params["due"] = now + lease
+        columns = [
+            [r.video_id for r in reports],
+            [r.task.taskId for r in reports],
+            [r.task.output[0].url for r in reports],
+            [_expiry(r.task) for r in reports],
+            [r.owner for r in reports],
+        ]
+        names = ["ids", "tasks", "urls", "expires", "owners"]
+    if dialect.name == "postgresql":
+        # asyncpg takes the arrays as lists; timestamps are stored naive UTC.
+        if kind == "claim":
+            columns[3] = [_naive_utc(t) for t in columns[3]]
+        params.update(zip(names, columns, strict=True))
+        return params
+    # SQLite: one JSON document; ids and timestamps in the exact text SQLAlchemy stores.
+    uuid_text = Uuid().dialect_impl(dialect).bind_processor(dialect)
+    time_text = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert uuid_text is not None
+    assert time_text is not None
+    columns[0] = [uuid_text(v) for v in columns[0]]
+    if kind == "claim":
+        columns[3] = [time_text(t) for t in columns[3]]
+    params["rows"] = json.dumps(list(zip(*columns, strict=True)))
+    return params
+
+
+def _naive_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
 
 
 async def _explain_noop(
-    session: AsyncSession, video_id: uuid.UUID, task: Task, default: ApplyOutcome
-) -> tuple[ApplyOutcome, Video | None]:
-    video = await get(session, video_id)
-    if video is None:
-        return ApplyOutcome.foreign_task, None
-    if video.task_id is not None and video.task_id != task.taskId:
-        owner = (
-            await session.execute(select(Video.id).where(Video.task_id == task.taskId))
-        ).scalar_one_or_none()
-        if owner is not None and owner != video_id:
-            return ApplyOutcome.foreign_task, video
-        return ApplyOutcome.stale_task, video
-    return default, video
+    session: AsyncSession, params: dict[str, Any], default: ApplyOutcome
+) -> ApplyOutcome:
+    found = (await session.execute(_TASK_OF_VIDEO, params)).first()
+    if found is None:
+        return ApplyOutcome.unknown_video
+    if found.task_id is not None and found.task_id != params["p_task"]:
+        owner = (await session.execute(_VIDEO_OF_TASK, params)).scalar_one_or_none()
+        if owner is not None and owner != params["p_video"]:
+            return ApplyOutcome.foreign_task
+        return ApplyOutcome.stale_task
+    return default
 
 
 async def fail_processing(

@@ -78,6 +78,7 @@ def create_app(
                 yield
             finally:
                 ctx.shutting_down = True
+                await ctx.callbacks.drain()  # callbacks already received are written
                 await ctx.runner.shutdown(settings.SHUTDOWN_GRACE_SECONDS)
                 for task in ctx.background:
                     task.cancel()
@@ -92,10 +93,11 @@ def create_app(
     )
     register_exception_handlers(app)
     install_http_policies(app, settings)
+    # The webhook's route first: routes are matched in order, and it takes the bursts.
+    app.include_router(webhooks.router)
     app.include_router(videos.router)
     app.include_router(images.router)
     app.include_router(images.public_router)
-    app.include_router(webhooks.router)
     app.include_router(health.router)
     app.include_router(playground.router)
     app.mount("/static", playground.static_files(), name="static")

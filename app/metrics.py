@@ -77,6 +77,13 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
+        self.group_commit_size = Histogram(
+            "videorelay_group_commit_size",
+            "Callbacks written per transaction (group commit).",
+            ["writer"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=registry,
+        )
         self.notifications = Counter(
             "videorelay_notifications",
             "notify_url delivery attempts by outcome.",

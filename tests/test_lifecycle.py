@@ -6,14 +6,19 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import lifecycle
 from app.db import create_engine, create_sessionmaker, utc_now
+from app.group_commit import GroupCommit
 from app.hiapi.schemas import Task
-from app.models import Status, Via, Video
+from app.metrics import METRICS
+from app.models import Notification, Status, Via, Video
 
 LEASE = timedelta(seconds=30)
 PARAMS = lifecycle.NewVideo(
@@ -63,7 +68,7 @@ async def apply(
     sm: async_sessionmaker[AsyncSession], video_id: uuid.UUID, task: Task
 ) -> lifecycle.ApplyOutcome:
     async with sm() as session, session.begin():
-        outcome, _ = await lifecycle.apply_task(
+        outcome = await lifecycle.apply_task(
             session,
             video_id=video_id,
             task=task,
@@ -144,6 +149,150 @@ class TestApplyTask:
         assert (row.status, row.task_id) == (Status.processing, "tk-4")
 
 
+def failure(task_id: str) -> Task:
+    return Task.model_validate(
+        {"taskId": task_id, "status": "fail", "error": {"code": "boom", "message": "no clip"}}
+    )
+
+
+def handling(task_id: str) -> Task:
+    return Task.model_validate({"taskId": task_id, "status": "handling"})
+
+
+async def row_state(sm: async_sessionmaker[AsyncSession], video_id: uuid.UUID) -> tuple[Any, ...]:
+    row = await reload(sm, video_id)
+    return (
+        row.status,
+        row.task_id,
+        row.error_code,
+        row.error_message,
+        row.output_url,
+        row.output_expires_at,
+        row.completed_via,
+        row.download_attempts,
+        row.lease_owner is not None,
+    )
+
+
+class TestApplyReports:
+    """The webhook's group commit writes a burst with ``apply_reports``; every report must
+    end exactly as it would through ``apply_task`` one at a time."""
+
+    async def _scenario(self, sm, run: str) -> list[tuple[uuid.UUID, Task]]:
+        """One report per outcome, plus copies of the same report within the batch."""
+        fresh_fail = await new_video(sm, task_id=f"{run}-f")
+        fresh_success = await new_video(sm, task_id=f"{run}-s")
+        no_task_yet = await new_video(sm, hold=60)
+        adopt_me = await new_video(sm, hold=60)
+        already_failed = await new_video(sm, task_id=f"{run}-d")
+        await apply(sm, already_failed.id, failure(f"{run}-d"))
+        other = await new_video(sm, task_id=f"{run}-other")
+        rescuable = await new_video(sm, task_id=f"{run}-new")  # an earlier task still finishes
+        return [
+            (fresh_fail.id, failure(f"{run}-f")),
+            (fresh_success.id, success(f"{run}-s")),
+            (fresh_success.id, success(f"{run}-s")),  # a duplicate in the same batch
+            (no_task_yet.id, success(f"{run}-early")),  # overtakes the create response
+            (adopt_me.id, handling(f"{run}-h")),
+            (adopt_me.id, handling(f"{run}-h")),
+            (already_failed.id, failure(f"{run}-d")),  # a duplicate of a stored callback
+            (fresh_fail.id, failure(f"{run}-f")),
+            (other.id, success(f"{run}-s")),  # another video's task
+            (rescuable.id, success(f"{run}-old")),  # an earlier task of this video
+            (rescuable.id, failure(f"{run}-stale")),
+            (uuid.uuid4(), failure(f"{run}-nobody")),  # no such video
+        ]
+
+    async def test_a_batch_ends_like_one_report_at_a_time(self, sm):
+        one_by_one = await self._scenario(sm, "seq")
+        expected = [await apply(sm, video_id, task) for video_id, task in one_by_one]
+
+        batch = await self._scenario(sm, "batch")
+        async with sm() as session, session.begin():
+            outcomes = await lifecycle.apply_reports(
+                session,
+                [lifecycle.TaskReport(v, t, Via.callback, uuid.uuid4().hex) for v, t in batch],
+                now=utc_now(),
+                lease=LEASE,
+            )
+        assert outcomes == expected
+        assert set(outcomes) == set(lifecycle.ApplyOutcome)  # every outcome is exercised
+        for (seq_id, seq_task), (batch_id, _) in zip(one_by_one, batch, strict=True):
+            if seq_task.taskId.endswith("-nobody"):
+                continue
+            seq, got = await row_state(sm, seq_id), await row_state(sm, batch_id)
+            # Same state, same columns; task ids differ only by the run prefix.
+            assert got[0] == seq[0]
+            assert (got[1] or "").removeprefix("batch") == (seq[1] or "").removeprefix("seq")
+            assert got[2:] == seq[2:]
+
+    async def _notified_video(self, sm, task_id: str) -> Video:
+        async with sm() as session, session.begin():
+            video, _ = await lifecycle.create_video(
+                session,
+                params=lifecycle.NewVideo(
+                    image_url="https://example.invalid/a.jpg",
+                    prompt=None,
+                    resolution="720p",
+                    duration=3,
+                    notify_url="https://hooks.example.invalid/v",
+                ),
+                idempotency_key=None,
+                now=utc_now(),
+                submit_hold=timedelta(0),
+            )
+            await lifecycle.record_submit_success(
+                session, video_id=video.id, task_id=task_id, now=utc_now(), poll_after=timedelta(0)
+            )
+        return video
+
+    async def test_only_an_ended_video_queues_its_notification(self, sm):
+        failing = await self._notified_video(sm, "n-1")
+        succeeding = await self._notified_video(sm, "n-2")
+        fail = lifecycle.TaskReport(failing.id, failure("n-1"), Via.callback, "owner")
+        claim = lifecycle.TaskReport(succeeding.id, success("n-2"), Via.callback, "owner")
+        async with sm() as session, session.begin():
+            outcomes = await lifecycle.apply_reports(
+                session, [fail, claim, fail], now=utc_now(), lease=LEASE
+            )
+        assert outcomes == [
+            lifecycle.ApplyOutcome.failed,
+            lifecycle.ApplyOutcome.download_claimed,
+            lifecycle.ApplyOutcome.duplicate,
+        ]
+        async with sm() as session:
+            note = await lifecycle.latest_notification(session, failing.id)
+            pending = await lifecycle.latest_notification(session, succeeding.id)
+            count = await session.scalar(select(func.count()).select_from(Notification))
+        assert note is not None and note.event == "video.failed" and note.status == "pending"
+        assert pending is None  # downloading is not an end: nothing is pushed yet
+        assert count == 1
+
+    async def test_a_claim_keeps_expiry_and_lease_exactly(self, sm):
+        video = await new_video(sm, task_id="x-1")
+        now = utc_now()
+        async with sm() as session, session.begin():
+            (outcome,) = await lifecycle.apply_reports(
+                session,
+                [lifecycle.TaskReport(video.id, success("x-1"), Via.callback, "me")],
+                now=now,
+                lease=LEASE,
+            )
+        row = await reload(sm, video.id)
+        assert outcome == lifecycle.ApplyOutcome.download_claimed
+        assert row.lease_owner == "me" and row.due_at == now + LEASE
+        assert row.output_expires_at is not None and row.output_expires_at.timestamp() == 4102444800
+        # The claimed row is due for the reconciler exactly when its lease ends.
+        async with sm() as session, session.begin():
+            early = await lifecycle.claim_download(
+                session, video_id=video.id, owner="thief", now=now + LEASE / 2, lease=LEASE
+            )
+            late = await lifecycle.claim_download(
+                session, video_id=video.id, owner="next", now=now + LEASE, lease=LEASE
+            )
+        assert early is None and late is not None
+
+
 class TestClaims:
     async def test_concurrent_claimers_get_disjoint_rows(self, sm):
         ids = {(await new_video(sm, task_id=f"tk-c{i}")).id for i in range(20)}
@@ -213,3 +362,75 @@ class TestIdempotentCreate:
         assert sorted(results) == sorted(
             [lifecycle.Created.created] + [lifecycle.Created.replayed] * 5
         )
+
+
+class TestGroupCommit:
+    """Callbacks arriving together share a transaction; each caller still gets its own
+    outcome, only after the commit, and one bad report cannot fail the others."""
+
+    def committer(self, sm) -> GroupCommit[lifecycle.TaskReport, lifecycle.ApplyOutcome]:
+        return GroupCommit(
+            sm,
+            lambda session, reports: lifecycle.apply_reports(
+                session, reports, now=utc_now(), lease=LEASE
+            ),
+            key=lambda report: report.video_id.hex,
+            name="test",
+        )
+
+    async def test_a_burst_is_written_in_few_transactions(self, sm):
+        videos = [await new_video(sm, task_id=f"g-{i}") for i in range(40)]
+        before = METRICS.group_commit_size.labels("test")._sum.get()
+        committer = self.committer(sm)
+        reports = [
+            lifecycle.TaskReport(v.id, failure(f"g-{i}"), Via.callback, "o")
+            for i, v in enumerate(videos)
+        ]
+        outcomes = await asyncio.gather(*(committer.submit(r) for r in reports + reports))
+        assert outcomes[:40] == [lifecycle.ApplyOutcome.failed] * 40
+        assert outcomes[40:] == [lifecycle.ApplyOutcome.duplicate] * 40
+        assert METRICS.group_commit_size.labels("test")._sum.get() - before == 80
+        for video in videos:
+            assert (await reload(sm, video.id)).status == Status.failed
+
+    async def test_one_conflicting_report_fails_alone(self, sm):
+        taken = await new_video(sm, task_id="c-taken")
+        waiting = await new_video(sm, hold=60)  # no task id yet
+        fine = [await new_video(sm, task_id=f"c-{i}") for i in range(5)]
+        committer = self.committer(sm)
+        # hiapi says the waiting video runs a task that is already another video's: the
+        # unique task id refuses it, and only that report fails.
+        poison = lifecycle.TaskReport(waiting.id, handling("c-taken"), Via.callback, "o")
+        good = [
+            lifecycle.TaskReport(v.id, failure(f"c-{i}"), Via.callback, "o")
+            for i, v in enumerate(fine)
+        ]
+        results = await asyncio.gather(
+            *(committer.submit(r) for r in [*good, poison]), return_exceptions=True
+        )
+        assert results[:5] == [lifecycle.ApplyOutcome.failed] * 5
+        assert isinstance(results[5], IntegrityError)
+        assert (await reload(sm, waiting.id)).task_id is None
+        assert (await reload(sm, taken.id)).task_id == "c-taken"
+        for video in fine:
+            assert (await reload(sm, video.id)).status == Status.failed
+
+    async def test_a_database_error_reaches_every_caller_and_nothing_is_written(self, sm, tmp_path):
+        video = await new_video(sm, task_id="e-1")
+        # A database without the schema: every statement fails.
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}")
+        broken = create_sessionmaker(engine)
+        committer: GroupCommit[lifecycle.TaskReport, lifecycle.ApplyOutcome] = GroupCommit(
+            broken,
+            lambda session, reports: lifecycle.apply_reports(
+                session, reports, now=utc_now(), lease=LEASE
+            ),
+            key=lambda report: report.video_id.hex,
+        )
+        report = lifecycle.TaskReport(video.id, failure("e-1"), Via.callback, "o")
+        results = await asyncio.gather(
+            committer.submit(report), committer.submit(report), return_exceptions=True
+        )
+        await engine.dispose()
+        assert all(isinstance(r, OperationalError) for r in results)
+        assert (await reload(sm, video.id)).status == Status.processing

@@ -3,6 +3,9 @@ keeps the state machine's promises: at most one download is ever claimed and at 
 completes; ``ready`` is final; ``failed`` is final except that the success of another task of
 the same video (an earlier, ambiguous create) may still rescue it into ``downloading``.
 
+Callbacks go through ``apply_reports`` (the webhook's batched path), each with a duplicate
+copy in the same batch; polls go through ``apply_task``.
+
 Each example drives one fresh video through the real ``lifecycle`` functions on a real
 database (SQLite and Postgres), sometimes firing several events at once on separate sessions.
 """
@@ -74,14 +77,30 @@ class Run:
 
     async def fire(self, kind: str, arg: str, name: str) -> None:
         async with self.sm() as session, session.begin():
-            if kind in ("callback", "poll"):
+            if kind == "callback":
+                # The webhook's group commit: here hiapi's copy of the callback lands in the
+                # same batch, so at most one of the two may claim.
+                task = make_task(arg, name, self.run)
+                reports = [
+                    lifecycle.TaskReport(self.video_id, task, Via.callback, uuid.uuid4().hex)
+                    for _ in range(2)
+                ]
+                outcomes = await lifecycle.apply_reports(
+                    session, reports, now=self.now(), lease=LEASE
+                )
+                for report, outcome in zip(reports, outcomes, strict=True):
+                    if outcome == lifecycle.ApplyOutcome.download_claimed:
+                        self.downloads_started += 1
+                        self.owners.append(report.owner)
+                        self.seen_success = True
+            elif kind == "poll":
                 task = make_task(arg, name, self.run)
                 owner = uuid.uuid4().hex
-                outcome, _ = await lifecycle.apply_task(
+                outcome = await lifecycle.apply_task(
                     session,
                     video_id=self.video_id,
                     task=task,
-                    via=Via.callback if kind == "callback" else Via.poll,
+                    via=Via.poll,
                     owner=owner,
                     now=self.now(),
                     lease=LEASE,

@@ -113,7 +113,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
         async with sm() as session, session.begin():
-            outcome, _ = await lifecycle.apply_task(
+            outcome = await lifecycle.apply_task(
                 session,
                 video_id=video.id,
                 task=task,

@@ -92,7 +92,13 @@ def _versions(databases: tuple[str, ...]) -> str:
     return ", ".join(parts)
 
 
-def run_bench(*, quick: bool, json_path: Path | None, database: str) -> int:
+def run_bench(
+    *, quick: bool, json_path: Path | None, database: str, only: list[str] | None = None
+) -> int:
+    known = [name for name, _, _ in SCENARIOS]
+    unknown = [name for name in only or [] if name not in known]
+    if unknown:
+        raise BenchError(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(known)}")
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     databases, db_note = _databases(database)
@@ -101,6 +107,8 @@ def run_bench(*, quick: bool, json_path: Path | None, database: str) -> int:
     results: list[ScenarioResult] = []
     with tempfile.TemporaryDirectory(prefix="videorelay-bench-") as tmp:
         for name, title, scenario in SCENARIOS:
+            if only and name not in only:
+                continue
             cfg = BenchConfig(quick=quick, databases=databases, workdir=Path(tmp) / name)
             cfg.workdir.mkdir()
             t0 = time.monotonic()

@@ -190,7 +190,7 @@ class Reconciler:
             if task is not None and task.status != "handling":
                 owner = uuid.uuid4().hex
                 async with self._sm() as session, session.begin():
-                    outcome, _ = await lifecycle.apply_task(
+                    outcome = await lifecycle.apply_task(
                         session,
                         video_id=video.id,
                         task=task,
