@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     DOWNLOAD_ALLOWED_HOSTS: str = Field(default="*.hiapi.ai")
     MAX_VIDEO_BYTES: int = Field(default=512 * 1024 * 1024, gt=0)
     DOWNLOAD_LEASE_SECONDS: float = Field(default=60.0, gt=0)
-    DOWNLOAD_CONCURRENCY: int = Field(default=4, ge=1)
+    DOWNLOAD_CONCURRENCY: int = Field(default=4, ge=0)
     RECONCILE_AFTER_SECONDS: float = Field(default=600.0, ge=0)
     RECONCILE_INTERVAL_SECONDS: float = Field(default=30.0, gt=0)
     TASK_TIMEOUT_SECONDS: float = Field(

@@ -104,7 +104,7 @@ def build_context(
     download_http = httpx.AsyncClient(
         timeout=httpx.Timeout(60.0, connect=10.0),
         follow_redirects=False,  # redirects are followed by hand, each hop checked
-        limits=httpx.Limits(max_connections=settings.DOWNLOAD_CONCURRENCY * 2),
+        limits=httpx.Limits(max_connections=max(2, settings.DOWNLOAD_CONCURRENCY * 2)),
     )
     stop = asyncio.Event()
     storage = open_storage(settings)
@@ -161,6 +161,8 @@ def build_context(
         images_root=settings.STORAGE_DIR.resolve(),
         image_retention=timedelta(seconds=settings.IMAGE_RETENTION_SECONDS),
     )
+
+    runner.refill = reconciler.refill
 
     async def render(video_id: uuid.UUID) -> dict[str, Any] | None:
         async with sessionmaker() as session:

@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
+    Integer,
     String,
     Table,
     Text,
@@ -91,6 +92,7 @@ class Created(StrEnum):
 
 class ApplyOutcome(StrEnum):
     download_claimed = "download_claimed"  # this caller owns the download lease: start it
+    download_queued = "download_queued"  # succeeded; no slot was free: any replica claims it
     failed = "failed"  # the task failed upstream; the video is now failed
     adopted = "adopted"  # a handling task was recorded for a video that had no task id yet
     pending = "pending"  # the task is still running; nothing changed
@@ -134,10 +136,9 @@ async def create_video(
         "download_attempts": 0,
     }
     if idempotency_key is None:
-        video = Video(**values)
-        session.add(video)
-        await session.flush()
-        return video, Created.created
+        # A Core INSERT of a prepared statement; the caller gets a detached copy of the row.
+        await session.execute(_INSERT_VIDEO, values)
+        return Video(**values), Created.created
     # One atomic statement closes the race of two identical requests arriving together:
     # exactly one insert wins; the other reads the winner's row.
     insert = _insert_for(session)
@@ -254,18 +255,13 @@ async def record_submit_success(
     poll_after: timedelta,
 ) -> Video | None:
     """hiapi created ``task_id``. If a callback already adopted it, this changes nothing."""
-    return await _update_returning(
-        session,
-        _submittable(video_id),
-        status=Status.processing,
-        task_id=task_id,
-        submitted_at=now,
-        due_at=now + poll_after,
-        lease_owner=None,
-        submit_attempts=Video.submit_attempts + 1,
-        last_error=None,
-        updated_at=now,
-    )
+    row = (
+        await session.execute(
+            _RECORD_TASK,
+            {"p_video": video_id, "p_task": task_id, "p_now": now, "p_due": now + poll_after},
+        )
+    ).first()
+    return None if row is None else Video(**row._mapping)
 
 
 async def record_submit_rejected(
@@ -356,7 +352,7 @@ _claimed: dict[str, Any] = {
     "output_expires_at": bindparam("p_expires", type_=UTCDateTime()),
     "due_at": bindparam("p_due", type_=UTCDateTime()),
     "lease_owner": bindparam("p_owner", type_=String()),
-    "download_attempts": 1,
+    "download_attempts": bindparam("p_attempts", type_=Integer()),
     **_task_done,
 }
 _ADOPT = (
@@ -415,6 +411,27 @@ _TASKS_OF_VIDEOS = select(_videos.c.id, _videos.c.task_id).where(
     _videos.c.id.in_(bindparam("p_videos", expanding=True))
 )
 _VIDEO_OF_TASK = select(_videos.c.id).where(_videos.c.task_id == _p_task)
+_INSERT_VIDEO = insert(_videos)
+# The submit path's second write: the task id hiapi returned, if no callback adopted one.
+_RECORD_TASK = (
+    update(_videos)
+    .where(
+        _videos.c.id == _p_video,
+        _videos.c.status == Status.queued.value,
+        _videos.c.task_id.is_(None),
+    )
+    .values(
+        status=Status.processing.value,
+        task_id=_p_task,
+        submitted_at=_p_now,
+        due_at=bindparam("p_due", type_=UTCDateTime()),
+        lease_owner=None,
+        submit_attempts=_videos.c.submit_attempts + 1,
+        last_error=None,
+        updated_at=_p_now,
+    )
+    .returning(*_videos.c)
+)
 _QUEUE_NOTIFICATION = insert(_notifications).values(
     id=bindparam("p_id", type_=Uuid()),
     video_id=_p_video,
@@ -450,7 +467,7 @@ async def apply_task(
     video_id: uuid.UUID,
     task: Task,
     via: Via,
-    owner: str,
+    owner: str | None,
     now: datetime,
     lease: timedelta,
 ) -> ApplyOutcome:
@@ -460,7 +477,9 @@ async def apply_task(
     makes this idempotent: the first caller moves the row on, every later copy (duplicate
     callback, concurrent replica, late poll) matches no row. ``task_id IS NULL`` admits a
     callback that overtook the create response, so it is adopted rather than lost.
-    On success the winner also takes the download lease, so exactly one download starts.
+    On success the winner also takes the download lease, so exactly one download starts;
+    with ``owner=None`` (no download slot free) the row is left unowned and due at once, for
+    whichever process has a slot first.
     """
     params: dict[str, Any] = {"p_video": video_id, "p_task": task.taskId, "p_now": now}
     if task.status == TaskStatus.handling:
@@ -474,15 +493,16 @@ async def apply_task(
         params.update(
             p_url=out.url,
             p_expires=datetime.fromtimestamp(out.expireAt, UTC) if out.expireAt else None,
-            p_due=now + lease,
+            p_due=now + lease if owner else now,
             p_owner=owner,
+            p_attempts=1 if owner else 0,
         )
         won = (await session.execute(_CLAIM_OUTPUT, params)).first() is not None
         # A clip of an earlier task of this video: keep it rather than lose a paid clip,
         # unless the video already has one on the way.
         won = won or (await session.execute(_RESCUE_OUTPUT, params)).first() is not None
         if won:
-            return ApplyOutcome.download_claimed
+            return ApplyOutcome.download_claimed if owner else ApplyOutcome.download_queued
     else:
         if task.status == TaskStatus.success:
             code, message = "no_output", "hiapi reported success without an output URL"
@@ -508,7 +528,7 @@ class TaskReport:
     video_id: uuid.UUID
     task: Task
     via: Via
-    owner: str
+    owner: str | None  # None: no download slot is free here; a success is queued, not claimed
 
 
 # --- many reports at once (the webhook's group commit) -----------------------------------
@@ -561,8 +581,9 @@ def _bulk_statement(dialect: str, kind: str) -> Any:
             FROM {rows} WHERE {_GUARD} RETURNING {returning}"""
     else:
         sql = f"""UPDATE videos AS v SET status = 'downloading', output_url = b.url,
-            output_expires_at = b.expires, due_at = :due, lease_owner = b.owner,
-            download_attempts = 1, {_SET_TASK_DONE}
+            output_expires_at = b.expires, lease_owner = b.owner,
+            due_at = CASE WHEN b.owner IS NULL THEN :now ELSE :due END,
+            download_attempts = CASE WHEN b.owner IS NULL THEN 0 ELSE 1 END, {_SET_TASK_DONE}
             FROM {rows} WHERE {_GUARD} RETURNING {returning}"""
     times = [bindparam("now", type_=UTCDateTime())]
     if kind == "claim":
@@ -626,7 +647,11 @@ async def apply_reports(
                 if row is None:
                     unmatched.append(i)
                     continue
-                outcomes[i] = outcome
+                outcomes[i] = (
+                    ApplyOutcome.download_queued
+                    if kind == "claim" and reports[i].owner is None
+                    else outcome
+                )
                 if kind == "fail" and row.notify_url:  # the video ended: tell its notify_url
                     await _queue_notification(
                         session,

@@ -9,6 +9,7 @@ import uuid
 import pytest
 from sqlalchemy import select
 
+from app.metrics import METRICS
 from app.models import Video
 from app.security import webhook_token
 from tests.conftest import WEBHOOK_SECRET, Service, ServiceFactory, Sim
@@ -366,6 +367,51 @@ class TestReconciler:
             await a.wait_for(video["id"], "ready")
         assert a.ctx.reconciler.totals.recovered + b.ctx.reconciler.totals.recovered == 10
         assert (await sim.stats())["file_requests"] == 10
+
+
+class TestDownloadQueue:
+    """A success that finds no free download slot is queued in the database (``downloading``,
+    no lease owner, due at once) and taken by the first process with a free slot."""
+
+    async def test_a_webhook_only_replica_queues_and_a_worker_downloads_each_once(
+        self, services: ServiceFactory, sim: Sim
+    ):
+        # The replica that takes the callbacks never downloads, and its reconciler sleeps.
+        front = await services.start(DOWNLOAD_CONCURRENCY=0, RECONCILE_INTERVAL_SECONDS=3600)
+        videos = [await front.submit() for _ in range(3)]
+        for video in videos:
+            await front.wait_for(video["id"], "downloading")
+        await asyncio.sleep(0.3)
+        for video in videos:
+            row = await db_video(front, video["id"])
+            assert row.status == "downloading" and row.lease_owner is None
+            assert row.download_attempts == 0
+        assert (await sim.stats())["file_requests"] == 0
+        # One slot, one tick at start-up and none after: the worker claims one video at its
+        # tick, then the next each time a download ends, without waiting for another tick.
+        worker = await services.start(DOWNLOAD_CONCURRENCY=1, RECONCILE_INTERVAL_SECONDS=3600)
+        for video in videos:
+            await worker.wait_for(video["id"], "ready")
+            row = await db_video(worker, video["id"])
+            assert row.download_attempts == 1  # claimed once: no lease ran out while waiting
+        assert (await sim.stats())["file_requests"] == 3
+        assert worker.ctx.runner.free_slots == 1
+
+    async def test_a_full_replica_queues_the_rest_and_catches_up_without_a_tick(
+        self, services: ServiceFactory, sim: Sim
+    ):
+        # Four tasks finish together; each download takes a while.
+        sim.set(latency_seconds=0.3, download_bytes_per_second=200_000)
+        queued = METRICS.callbacks.labels("download_queued")._value.get()
+        service = await services.start(DOWNLOAD_CONCURRENCY=1, RECONCILE_INTERVAL_SECONDS=3600)
+        videos = await asyncio.gather(*(service.submit() for _ in range(4)))
+        for video in videos:
+            await service.wait_for(video["id"], "ready")
+        assert METRICS.callbacks.labels("download_queued")._value.get() - queued >= 2
+        rows = [await db_video(service, video["id"]) for video in videos]
+        assert all(row.download_attempts == 1 for row in rows)
+        assert (await sim.stats())["file_requests"] == 4
+        assert service.ctx.runner.free_slots == 1
 
 
 class TestDownloadFailures:

@@ -65,7 +65,10 @@ def success(task_id: str) -> Task:
 
 
 async def apply(
-    sm: async_sessionmaker[AsyncSession], video_id: uuid.UUID, task: Task
+    sm: async_sessionmaker[AsyncSession],
+    video_id: uuid.UUID,
+    task: Task,
+    owner: str | None = "default",
 ) -> lifecycle.ApplyOutcome:
     async with sm() as session, session.begin():
         outcome = await lifecycle.apply_task(
@@ -73,7 +76,7 @@ async def apply(
             video_id=video_id,
             task=task,
             via=Via.callback,
-            owner=uuid.uuid4().hex,
+            owner=uuid.uuid4().hex if owner == "default" else owner,
             now=utc_now(),
             lease=LEASE,
         )
@@ -178,7 +181,7 @@ class TestApplyReports:
     """The webhook's group commit writes a burst with ``apply_reports``; every report must
     end exactly as it would through ``apply_task`` one at a time."""
 
-    async def _scenario(self, sm, run: str) -> list[tuple[uuid.UUID, Task]]:
+    async def _scenario(self, sm, run: str) -> list[tuple[uuid.UUID, Task, str | None]]:
         """One report per outcome, plus copies of the same report within the batch."""
         fresh_fail = await new_video(sm, task_id=f"{run}-f")
         fresh_success = await new_video(sm, task_id=f"{run}-s")
@@ -188,7 +191,8 @@ class TestApplyReports:
         await apply(sm, already_failed.id, failure(f"{run}-d"))
         other = await new_video(sm, task_id=f"{run}-other")
         rescuable = await new_video(sm, task_id=f"{run}-new")  # an earlier task still finishes
-        return [
+        no_slot = await new_video(sm, task_id=f"{run}-q")
+        reports = [
             (fresh_fail.id, failure(f"{run}-f")),
             (fresh_success.id, success(f"{run}-s")),
             (fresh_success.id, success(f"{run}-s")),  # a duplicate in the same batch
@@ -202,22 +206,24 @@ class TestApplyReports:
             (rescuable.id, failure(f"{run}-stale")),
             (uuid.uuid4(), failure(f"{run}-nobody")),  # no such video
         ]
+        owner = uuid.uuid4().hex
+        return [(v, t, owner) for v, t in reports] + [(no_slot.id, success(f"{run}-q"), None)]
 
     async def test_a_batch_ends_like_one_report_at_a_time(self, sm):
         one_by_one = await self._scenario(sm, "seq")
-        expected = [await apply(sm, video_id, task) for video_id, task in one_by_one]
+        expected = [await apply(sm, video_id, task, owner) for video_id, task, owner in one_by_one]
 
         batch = await self._scenario(sm, "batch")
         async with sm() as session, session.begin():
             outcomes = await lifecycle.apply_reports(
                 session,
-                [lifecycle.TaskReport(v, t, Via.callback, uuid.uuid4().hex) for v, t in batch],
+                [lifecycle.TaskReport(v, t, Via.callback, owner) for v, t, owner in batch],
                 now=utc_now(),
                 lease=LEASE,
             )
         assert outcomes == expected
         assert set(outcomes) == set(lifecycle.ApplyOutcome)  # every outcome is exercised
-        for (seq_id, seq_task), (batch_id, _) in zip(one_by_one, batch, strict=True):
+        for (seq_id, seq_task, _), (batch_id, _, _) in zip(one_by_one, batch, strict=True):
             if seq_task.taskId.endswith("-nobody"):
                 continue
             seq, got = await row_state(sm, seq_id), await row_state(sm, batch_id)

@@ -90,6 +90,7 @@ class Run:
                 )
                 for report, outcome in zip(reports, outcomes, strict=True):
                     if outcome == lifecycle.ApplyOutcome.download_claimed:
+                        assert report.owner is not None
                         self.downloads_started += 1
                         self.owners.append(report.owner)
                         self.seen_success = True

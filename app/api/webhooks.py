@@ -19,7 +19,7 @@ from starlette.background import BackgroundTask
 from app import lifecycle
 from app.context import AppContext
 from app.errors import AppError
-from app.hiapi.schemas import parse_task_payload
+from app.hiapi.schemas import TaskStatus, parse_task_payload
 from app.logging import bind
 from app.metrics import METRICS
 from app.models import Via
@@ -38,10 +38,17 @@ class CallbackAck(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"outcome": "download_claimed"}]})
 
     outcome: str = Field(
-        description="download_claimed, failed, adopted, pending, duplicate or stale_task."
+        description="download_claimed (this replica downloads it), download_queued (no "
+        "download slot free here: the first replica with one does), failed, adopted, pending, "
+        "duplicate or stale_task."
     )
 
 
+_NO_CHANGE = {
+    lifecycle.ApplyOutcome.duplicate,
+    lifecycle.ApplyOutcome.pending,
+    lifecycle.ApplyOutcome.stale_task,
+}
 _ACKS = {
     outcome: json.dumps({"outcome": outcome.value}).encode() for outcome in lifecycle.ApplyOutcome
 }
@@ -98,21 +105,35 @@ async def hiapi_callback(video_id: str, token: str, request: Request) -> Respons
             f"callback body is not a hiapi task: {exc}", code="bad_callback", status_code=400
         ) from None
 
-    owner = uuid.uuid4().hex
-    with bind(video_id=vid, task_id=task.taskId):
-        # Written together with the callbacks arriving alongside; answered after the commit.
-        outcome = await ctx.callbacks.submit(lifecycle.TaskReport(vid, task, Via.callback, owner))
-        if outcome == lifecycle.ApplyOutcome.unknown_video:
-            raise HTTPException(404, "not found")
-        if outcome == lifecycle.ApplyOutcome.foreign_task:
-            log.warning("webhook.foreign_task")
-            METRICS.callbacks.labels("foreign_task").inc()
-            raise AppError(
-                "this task does not belong to this video", code="foreign_task", status_code=409
+    # A success takes a download slot of this process if one is free; otherwise it is
+    # queued in the database for whichever replica frees a slot first.
+    reserved = task.status == TaskStatus.success and bool(task.output) and ctx.runner.try_reserve()
+    owner = uuid.uuid4().hex if reserved else None
+    background = None
+    try:
+        with bind(video_id=vid, task_id=task.taskId):
+            # Written together with the callbacks arriving alongside; answered after the commit.
+            outcome = await ctx.callbacks.submit(
+                lifecycle.TaskReport(vid, task, Via.callback, owner)
             )
-        METRICS.callbacks.labels(outcome.value).inc()
-        log.info("webhook.%s status=%s", outcome.value, task.status.value)
-        background = None
-        if outcome == lifecycle.ApplyOutcome.download_claimed:
-            background = BackgroundTask(ctx.runner.start_download_later, vid, owner)
+            if outcome == lifecycle.ApplyOutcome.unknown_video:
+                raise HTTPException(404, "not found")
+            if outcome == lifecycle.ApplyOutcome.foreign_task:
+                log.warning("webhook.foreign_task")
+                METRICS.callbacks.labels("foreign_task").inc()
+                raise AppError(
+                    "this task does not belong to this video",
+                    code="foreign_task",
+                    status_code=409,
+                )
+            METRICS.callbacks.labels(outcome.value).inc()
+            if outcome in _NO_CHANGE:
+                log.debug("webhook.%s status=%s", outcome.value, task.status.value)
+            else:
+                log.info("webhook.%s status=%s", outcome.value, task.status.value)
+            if outcome == lifecycle.ApplyOutcome.download_claimed and owner is not None:
+                background = BackgroundTask(ctx.runner.start_download_later, vid, owner)
+    finally:
+        if reserved and background is None:
+            ctx.runner.release()
     return Response(_ACKS[outcome], media_type="application/json", background=background)

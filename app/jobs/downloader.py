@@ -316,7 +316,8 @@ class Downloader:
         hasher = hashlib.sha256()
         total = 0
         checked = False
-        buffer = bytearray()
+        pieces: list[bytes] = []
+        pending = 0  # bytes in ``pieces``
         # The previous chunk is hashed and written (in worker threads) while the next one is
         # read: at most one chunk in flight, so memory stays bounded at about 2 × WRITE_CHUNK.
         in_flight: asyncio.Task[None] | None = None
@@ -330,16 +331,18 @@ class Downloader:
                 total += len(chunk)
                 if total > limit:
                     raise Permanent("too_large", f"clip exceeds MAX_VIDEO_BYTES ({limit} bytes)")
-                buffer += chunk
-                if not checked and len(buffer) >= 8:
-                    if not is_mp4_header(bytes(buffer[:8])):
+                if not checked and total >= 8:
+                    if not is_mp4_header(b"".join([*pieces, chunk])[:8]):
                         raise Permanent(
                             "not_mp4", "the downloaded file is not an MP4 (no ftyp box)"
                         )
                     checked = True
-                if len(buffer) >= WRITE_CHUNK:
-                    data = bytes(buffer)
-                    buffer.clear()
+                pieces.append(chunk)
+                pending += len(chunk)
+                if pending >= WRITE_CHUNK:
+                    data = b"".join(pieces)  # the one copy of these bytes
+                    pieces.clear()
+                    pending = 0
                     if in_flight is not None:
                         await in_flight
                     in_flight = asyncio.create_task(_write(writer, hasher, data))
@@ -348,8 +351,8 @@ class Downloader:
             if in_flight is not None:
                 await in_flight
                 in_flight = None
-            if buffer:
-                await _write(writer, hasher, bytes(buffer))
+            if pieces:
+                await _write(writer, hasher, b"".join(pieces))
         finally:
             if in_flight is not None:  # only on the way out by an error
                 in_flight.cancel()

@@ -188,26 +188,36 @@ class Reconciler:
                 )
                 return
             if task is not None and task.status != "handling":
-                owner = uuid.uuid4().hex
-                async with self._sm() as session, session.begin():
-                    outcome = await lifecycle.apply_task(
-                        session,
-                        video_id=video.id,
-                        task=task,
-                        via=Via.poll,
-                        owner=owner,
-                        now=self._clock(),
-                        lease=self._lease,
-                    )
+                # Like the webhook: the download is ours only if a slot is free here.
+                reserved = self._runner.try_reserve()
+                owner = uuid.uuid4().hex if reserved else None
+                try:
+                    async with self._sm() as session, session.begin():
+                        outcome = await lifecycle.apply_task(
+                            session,
+                            video_id=video.id,
+                            task=task,
+                            via=Via.poll,
+                            owner=owner,
+                            now=self._clock(),
+                            lease=self._lease,
+                        )
+                except BaseException:
+                    if reserved:
+                        self._runner.release()
+                    raise
                 if outcome in (
                     lifecycle.ApplyOutcome.download_claimed,
+                    lifecycle.ApplyOutcome.download_queued,
                     lifecycle.ApplyOutcome.failed,
                 ):
                     stats.recovered += 1
                     METRICS.recovered.inc()
                     log.warning("reconciler.recovered status=%s (no callback arrived)", task.status)
-                if outcome == lifecycle.ApplyOutcome.download_claimed:
-                    self._runner.start_download(video.id, owner)
+                if outcome == lifecycle.ApplyOutcome.download_claimed and owner is not None:
+                    self._runner.start_download(video.id, owner, reserved=True)
+                elif reserved:
+                    self._runner.release()
                 return
             if error is None:
                 stats.still_running += 1
@@ -238,11 +248,16 @@ class Reconciler:
             log.warning("reconciler.gave_up code=%s", code)
 
     async def _resume_downloads(self, stats: ReconcileStats) -> None:
-        # Claim no more than this replica can start now: a claimed download waiting for a
-        # slot would outlive its lease and be claimed again elsewhere, over and over.
+        stats.downloads_resumed += await self.refill()
+
+    async def refill(self) -> int:
+        """Claim due downloads (queued by a webhook with no free slot, released, or with an
+        expired lease) up to the free slots here, and start them. Claiming no more than this
+        replica can start now keeps a claimed download from outliving its lease while it
+        waits for a slot."""
         owner, videos = await self._claim(
             Status.downloading, self._lease, limit=self._runner.free_slots
         )
         for video in videos:
-            stats.downloads_resumed += 1
             self._runner.start_download(video.id, owner)
+        return len(videos)

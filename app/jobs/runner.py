@@ -1,10 +1,16 @@
-"""Tracks the downloads running in this process so shutdown can stop them cleanly."""
+"""Tracks the downloads running in this process so shutdown can stop them cleanly.
+
+The database is the download queue: a success that finds no free slot here is recorded as
+``downloading`` with no lease owner and due at once, and whichever process has a slot free
+first claims it (``refill``, run each time a download here ends, and every reconciler tick).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 
 from app.jobs.downloader import Downloader
 
@@ -23,29 +29,72 @@ class JobRunner:
     def __init__(self, downloader: Downloader, *, stop: asyncio.Event, concurrency: int) -> None:
         self._downloader = downloader
         self._stop = stop
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = asyncio.Semaphore(max(1, concurrency))
         self._concurrency = concurrency
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reserved = 0
+        self.refill: Callable[[], Awaitable[object]] | None = None  # claims queued downloads
+        self._refilling: asyncio.Task[None] | None = None
+        self._refill_again = False
 
     @property
     def free_slots(self) -> int:
-        """Downloads this process could start right now (running and waiting ones count)."""
-        return max(0, self._concurrency - len(self._tasks))
+        """Downloads this process could start right now (running, waiting and reserved ones
+        count)."""
+        if self._stop.is_set():
+            return 0
+        return max(0, self._concurrency - len(self._tasks) - self._reserved)
+
+    def try_reserve(self) -> bool:
+        """Hold a slot for a download about to be claimed (by the webhook): True if one was
+        free. Pass ``reserved=True`` to ``start_download``, or call ``release``."""
+        if self.free_slots <= 0:
+            return False
+        self._reserved += 1
+        return True
+
+    def release(self) -> None:
+        """Give back a reserved slot that was not used."""
+        self._reserved = max(0, self._reserved - 1)
 
     @property
     def active(self) -> int:
         return len(self._tasks)
 
-    def start_download(self, video_id: uuid.UUID, owner: str) -> None:
+    def start_download(self, video_id: uuid.UUID, owner: str, *, reserved: bool = False) -> None:
+        if reserved:
+            self.release()
         if self._stop.is_set():
             return  # the lease expires and another replica (or this one, restarted) resumes
         task = asyncio.create_task(self._guarded(video_id, owner), name=f"download-{video_id}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._ended)
 
     async def start_download_later(self, video_id: uuid.UUID, owner: str) -> None:
-        """For ``BackgroundTasks``: an async callable runs on the event loop, not a thread."""
-        self.start_download(video_id, owner)
+        """For ``BackgroundTasks`` (runs on the event loop after the response is sent), with
+        the slot the webhook reserved."""
+        self.start_download(video_id, owner, reserved=True)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self.refill is None or self._stop.is_set():
+            return
+        if self._refilling is not None and not self._refilling.done():
+            self._refill_again = True  # one more pass when the running one ends
+            return
+        self._refilling = asyncio.create_task(self._refill_loop(), name="download-refill")
+
+    async def _refill_loop(self) -> None:
+        assert self.refill is not None
+        while True:
+            self._refill_again = False
+            try:
+                await self.refill()
+            except Exception:  # the next tick or the next ended download tries again
+                log.exception("download.refill_failed")
+                return
+            if not self._refill_again or self._stop.is_set():
+                return
 
     async def _guarded(self, video_id: uuid.UUID, owner: str) -> None:
         async with self._slots:
@@ -56,6 +105,8 @@ class JobRunner:
     async def shutdown(self, grace: float) -> None:
         """Ask downloads to stop (they release their leases), then wait ``grace`` seconds."""
         self._stop.set()
+        if self._refilling is not None:
+            await asyncio.gather(self._refilling, return_exceptions=True)
         if not self._tasks:
             return
         done, pending = await asyncio.wait(set(self._tasks), timeout=grace)
