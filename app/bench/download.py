@@ -8,12 +8,15 @@ Runs alternate between the two and the best of each counts. CPU time comes from 
 rusage (curl) and ``getrusage`` inside the child; peak RSS from ``VmHWM`` of each process.
 
 Then the service under both loads at once: the webhook's ack p99 at c=64 while 8 downloads
-run in the same process, against the same load without downloads.
+run, against the same load without downloads; once with the downloads in the process that
+takes the webhooks, once in a second process (the webhook process runs with
+``DOWNLOAD_CONCURRENCY=0`` and queues the successes in the database).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -218,7 +221,8 @@ def run(cfg: BenchConfig) -> ScenarioResult:
                 raise RuntimeError(f"the downloader did not store the file intact: {got}")
             subjects.append(got)
         _report(result, size, curls, subjects)
-        _under_load(cfg, result, files, origin)
+        _under_load(cfg, result, files, origin, split=False)
+        _under_load(cfg, result, files, origin, split=True)
     finally:
         stop_process(server)
     return result
@@ -293,10 +297,19 @@ def _report(
     )
 
 
-def _under_load(cfg: BenchConfig, result: ScenarioResult, files: Path, origin: str) -> None:
-    """The webhook's ack p99 at c=64 with and without 8 downloads running in the same process."""
+def _under_load(
+    cfg: BenchConfig, result: ScenarioResult, files: Path, origin: str, *, split: bool
+) -> None:
+    """The webhook's ack p99 at c=64 with and without 8 downloads running.
+
+    ``split=False``: the downloads run in the process that takes the webhooks. ``split=True``:
+    that process has ``DOWNLOAD_CONCURRENCY=0`` (the successes are queued in the database) and
+    a second videorelay process on the same database, which takes no webhooks, downloads them
+    (Postgres when the run has it: that is the multi-process setup).
+    """
     work = cfg.workdir
-    db = cfg.databases[0]
+    db = "postgres" if split and "postgres" in cfg.databases else cfg.databases[0]
+    label = "split" if split else "same"
     size = cfg.count(16 * MIB, 256 * MIB)
     make_mp4(files / "load.mp4", size)
     duration = cfg.seconds(1.0, 5.0)
@@ -328,19 +341,33 @@ def _under_load(cfg: BenchConfig, result: ScenarioResult, files: Path, origin: s
             )
             for r in rows
         ]
-        return write_spec(work / f"underload-{name}.json", requests)
+        return write_spec(work / f"underload-{label}-{name}.json", requests)
 
-    with database(db, "download_under_load", work) as url:
+    with database(db, f"download_under_load_{label}", work) as url, contextlib.ExitStack() as stack:
         asyncio.run(insert_videos(url, warm + quiet + busy + clips))
         env = service_env(
             url,
             work,
-            DOWNLOAD_CONCURRENCY=str(downloads),
+            DOWNLOAD_CONCURRENCY="0" if split else str(downloads),
             DOWNLOAD_ALLOWED_HOSTS=origin,
             MAX_VIDEO_BYTES=str(size * 2),
         )
+        if split:
+            worker_env = {
+                **env,
+                "DOWNLOAD_CONCURRENCY": str(downloads),
+                "RECONCILE_INTERVAL_SECONDS": "0.2",
+            }
+            stack.enter_context(
+                ServerProcess(
+                    f"videorelay-worker-{db}",
+                    "app.main:create_app_from_env",
+                    env=worker_env,
+                    workdir=work,
+                )
+            )
         with ServerProcess(
-            f"videorelay-underload-{db}",
+            f"videorelay-underload-{label}-{db}",
             "app.main:create_app_from_env",
             env=env,
             workdir=work,
@@ -378,9 +405,14 @@ def _under_load(cfg: BenchConfig, result: ScenarioResult, files: Path, origin: s
             load_end = time.monotonic() - started
             finished = asyncio.run(_wait_ready(url, [r["id"] for r in clips], 300.0))
             all_done = time.monotonic() - started
+    where = (
+        "in a second process (webhook process: DOWNLOAD_CONCURRENCY=0)"
+        if split
+        else "in the same process"
+    )
     row = Measurement(
         "subject",
-        f"webhook ack p99, {db}, c={concurrency}, during {downloads} downloads",
+        f"webhook ack p99, {db}, c={concurrency}, during {downloads} downloads {where}",
         "p99 ms",
         with_downloads.p99_ms,
         f"same load without downloads (p99 {without.p99_ms:.1f} ms)",
@@ -399,8 +431,8 @@ def _under_load(cfg: BenchConfig, result: ScenarioResult, files: Path, origin: s
     row.met = row.ratio <= TARGET_P99_GROWTH
     result.rows.append(row)
     result.notes.append(
-        f"Under load: {downloads} callbacks with success start {downloads} downloads of "
-        f"{size // MIB} MiB each (DOWNLOAD_CONCURRENCY={downloads}) just before a {duration:g} s "
+        f"Under load ({db}, downloads {where}): {downloads} callbacks with success start "
+        f"{downloads} downloads of {size // MIB} MiB each just before a {duration:g} s "
         f"webhook load at c={concurrency}; the load window ended {load_end:.1f} s after the "
         f"first download started, the last download was stored after about {all_done:.1f} s "
         f"({finished}/{downloads} ready). Throughput then: {with_downloads.rps:.0f} req/s vs "
