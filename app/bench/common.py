@@ -305,6 +305,7 @@ def run_loadgen(
     workdir: Path,
     max_requests: int = 0,
     ok_status: Sequence[int] = (200, 201, 202, 204),
+    rate: float = 0.0,
 ) -> LoadResult:
     """Run the load generator in its own process against ``server`` and return its figures."""
     url = server.url if isinstance(server, ServerProcess) else server
@@ -324,6 +325,8 @@ def run_loadgen(
         str(duration),
         "--max-requests",
         str(max_requests),
+        "--rate",
+        str(rate),
         "--out",
         str(out),
         "--ok-status",

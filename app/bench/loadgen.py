@@ -133,6 +133,8 @@ async def _run(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]
                 break
             index = cursor
             cursor += 1
+            if args.rate > 0:  # paced: request i starts no earlier than i / rate seconds in
+                await asyncio.sleep(max(0.0, started + index / args.rate - now))
             t0 = time.perf_counter()
             try:
                 if conn.closed:
@@ -184,6 +186,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=5.0, help="hard stop, seconds")
     parser.add_argument("--max-requests", type=int, default=0, help="0: the spec's count")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="requests per second in all; 0: as fast as possible"
+    )
     parser.add_argument(
         "--ok-status", type=int, nargs="+", default=[200, 201, 202, 204], help="2xx to accept"
     )
