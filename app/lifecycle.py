@@ -355,13 +355,15 @@ _claimed: dict[str, Any] = {
     "download_attempts": bindparam("p_attempts", type_=Integer()),
     **_task_done,
 }
+# Queued and without a task id: the create response and an early callback race for it.
+_NO_TASK_YET = and_(
+    _videos.c.id == _p_video,
+    _videos.c.status == Status.queued.value,
+    _videos.c.task_id.is_(None),
+)
 _ADOPT = (
     update(_videos)
-    .where(
-        _videos.c.id == _p_video,
-        _videos.c.status == Status.queued.value,
-        _videos.c.task_id.is_(None),
-    )
+    .where(_NO_TASK_YET)
     .values(status=Status.processing.value, task_id=_p_task, submitted_at=_p_now, updated_at=_p_now)
     .returning(_videos.c.id)
 )
@@ -415,11 +417,7 @@ _INSERT_VIDEO = insert(_videos)
 # The submit path's second write: the task id hiapi returned, if no callback adopted one.
 _RECORD_TASK = (
     update(_videos)
-    .where(
-        _videos.c.id == _p_video,
-        _videos.c.status == Status.queued.value,
-        _videos.c.task_id.is_(None),
-    )
+    .where(_NO_TASK_YET)
     .values(
         status=Status.processing.value,
         task_id=_p_task,
