@@ -46,8 +46,8 @@ class Metrics:
         )
         self.callbacks = Counter(
             "videorelay_callbacks",
-            "hiapi callbacks by outcome (download_claimed/failed = new, duplicate, "
-            "stale_task, foreign_task, bad_token, bad_body).",
+            "hiapi callbacks by outcome (download_claimed/download_queued/failed = new, "
+            "duplicate, stale_task, foreign_task, bad_token, bad_body).",
             ["outcome"],
             registry=registry,
         )
