@@ -15,8 +15,11 @@ means "durably recorded". If the batch fails:
   webhook answers 503 and hiapi retries), without retrying item by item against a database
   that is down.
 
-Items are applied in a stable order (``key``) so two replicas' batches lock rows in the same
-order and cannot deadlock each other.
+Items are handed to ``apply`` sorted by ``key`` (stable, so copies of one callback keep their
+arrival order and the first one wins). Statements run per item then lock rows in that order;
+a bulk ``UPDATE … FROM`` locks them in the order of its plan, so two replicas writing
+batches that share rows at the same moment can still deadlock on Postgres: one batch is
+aborted, its callers get 503, and hiapi retries.
 """
 
 from __future__ import annotations
