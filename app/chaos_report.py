@@ -11,7 +11,8 @@ Definitions used below:
   although one of its upstream tasks succeeded, or a submit that never got a video.
   Excepted, and counted apart as **unreported paid clips**: a succeeded task whose id never
   reached videorelay because its create was ambiguous (timed out, or the replica died during
-  the call) *and* hiapi dropped its callback. No client of hiapi can find such a task (there
+  the call) *and* its callback never reached us: hiapi dropped it, or every retry found the
+  replica it named down. No client of hiapi can find such a task (there
   is no idempotency key and no task listing); the README states this limit.
 * **downloaded twice**: an output file of a video (any of its tasks) served *completely* a
   second time without a replica having been SIGKILLed while the earlier download ran or
@@ -97,6 +98,7 @@ class SimTaskInfo:
     fail: bool
     drop_callback: bool
     callback_copies: int
+    callback_delivered: bool
     published_at: float | None
     file_sha256: str | None
     serves: tuple[Serve, ...]
@@ -127,6 +129,7 @@ class SimTaskInfo:
             fail=bool(fate.get("fail")),
             drop_callback=bool(fate.get("drop_callback")),
             callback_copies=int(fate.get("callback_copies", 1)),
+            callback_delivered=bool(item.get("callback_delivered")),
             published_at=None if published is None else float(published),
             file_sha256=file.get("sha256"),
             serves=serves,
@@ -254,8 +257,10 @@ def _lost(
         if video.status != "ready" and succeeded:
             causes = _causes(data, tasks)
             ordered = sorted(tasks, key=lambda t: t.created_at)
+            # Never reported: hiapi dropped the callback, or every retry of it failed (the
+            # replica it named was down): either way we never learned of the clip.
             never_reported = all(
-                t.drop_callback and cause != "unexplained"
+                (t.drop_callback or not t.callback_delivered) and cause != "unexplained"
                 for t, cause in zip(ordered[:-1], causes, strict=False)
                 if t.status == "success"
             ) and all(t.task_id != ordered[-1].task_id for t in ordered[:-1])
@@ -263,8 +268,9 @@ def _lost(
                 unreported.append(
                     {
                         "video_id": video.id,
-                        "reason": f"task {succeeded[0]}: ambiguous create and dropped callback; "
-                        f"the video ended {video.status} ({video.error_code}) on the next task",
+                        "reason": f"task {succeeded[0]}: ambiguous create, and its callback "
+                        f"never arrived; the video ended {video.status} ({video.error_code}) "
+                        "on the next task",
                         "tasks": _chain(data, tasks),
                         "causes": causes,
                     }
@@ -541,7 +547,7 @@ def render_text(report: dict[str, Any]) -> str:
         f"| ready | {report['ready']} |",
         f"| failed | {report['failed']} ({_fmt_counts(report['failed_by_code'])}) |",
         f"| lost | {report['lost']} {_mark(report['lost'] == 0)} |",
-        f"| paid clips hiapi never reported (ambiguous create + dropped callback) | "
+        f"| paid clips never reported (ambiguous create + callback dropped or undelivered) | "
         f"{report['unreported_paid_clips']} |",
         f"| downloaded twice | {report['downloaded_twice']} "
         f"{_mark(report['downloaded_twice'] == 0)} (re-downloaded after a SIGKILL: "

@@ -144,6 +144,7 @@ def task(vid: str, task_id: str | None = None, **changes: Any) -> SimTaskInfo:
         "fail": False,
         "drop_callback": False,
         "callback_copies": 1,
+        "callback_delivered": True,
         "published_at": T0 + 1.5,
         "file_sha256": "aa",
         "serves": (Serve(T0 + 2, T0 + 3, 2, True),),
@@ -225,6 +226,27 @@ def test_lost_videos_and_second_tasks_are_classified() -> None:
         "replica_killed_during_submit": 1,
         "unexplained": 0,
     }
+
+
+def test_a_callback_no_replica_answered_counts_like_a_dropped_one() -> None:
+    """The replica was killed during the create, and every retry of the success callback
+    found it still down: videorelay never learned of the clip, as with a dropped callback.
+    The same video whose callback was answered, yet not kept, is lost."""
+    videos = [
+        video("u", status="failed", task_id="t-u2"),
+        video("k", status="failed", task_id="t-k2"),
+    ]
+    tasks = [
+        task("u", "t-u1", created_at=T0 + 0.5, serves=(), callback_delivered=False),
+        task("u", "t-u2", created_at=T0 + 6, status="fail", serves=()),
+        task("k", "t-k1", created_at=T0 + 0.5, serves=()),
+        task("k", "t-k2", created_at=T0 + 6, status="fail", serves=()),
+    ]
+    kill = KillEvent(replica=0, port=8001, killed_at=T0 + 0.7, restarted_at=T0 + 3)
+    report = build_report(run_data(videos, tasks, kills=[kill]))
+    assert report["lost"] == 1
+    assert "t-k1 succeeded" in report["lost_examples"][0]["reason"]
+    assert len(report["unreported_examples"]) == 1
 
 
 def test_integrity_problems_fail_the_run() -> None:

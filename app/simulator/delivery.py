@@ -65,17 +65,20 @@ async def deliver_callbacks(state: SimulatorState, task: SimTask) -> None:
         return
     wire = task.to_wire()
     bodies = [envelope(state, wire) for _ in range(task.fate.callback_copies)]
-    await asyncio.gather(*(_send_with_retries(state, task.callback_url, b) for b in bodies))
+    sent = await asyncio.gather(*(_send_with_retries(state, task.callback_url, b) for b in bodies))
+    task.callback_delivered = any(sent)
 
 
-async def _send_with_retries(state: SimulatorState, url: str, body: dict[str, Any]) -> None:
+async def _send_with_retries(state: SimulatorState, url: str, body: dict[str, Any]) -> bool:
+    """True once an attempt was answered 2xx; False when every retry failed."""
     attempts = 1 + state.config.callback_retries
     for attempt in range(attempts):
         if attempt:
             await asyncio.sleep(BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS)) - 1])
         if await _send_once(state, url, body):
             state.stats.callbacks_delivered += 1
-            return
+            return True
+    return False
 
 
 async def _send_once(state: SimulatorState, url: str, body: dict[str, Any]) -> bool:

@@ -79,6 +79,7 @@ class SimTask:
     finish_now: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     forced_outcome: TaskStatus | None = None
+    callback_delivered: bool = False  # some copy of the final callback was answered 2xx
 
     def to_wire(self) -> dict[str, Any]:
         """The task object returned by ``GET /v1/tasks/{id}`` and POSTed to callbacks."""
@@ -234,6 +235,7 @@ class SimulatorState:
                     "created_at": task.created_at,
                     "callback_url": task.callback_url,
                     "create_timed_out": task.task_id in self.timed_out_creates,
+                    "callback_delivered": task.callback_delivered,
                     "fate": {
                         "fail": task.fate.fail,
                         "drop_callback": task.fate.drop_callback,
