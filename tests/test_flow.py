@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import uuid
 
+import httpx
 import pytest
 from sqlalchemy import select
 
 from app.metrics import METRICS
 from app.models import Video
 from app.security import webhook_token
-from tests.conftest import WEBHOOK_SECRET, Service, ServiceFactory, Sim
+from tests.conftest import HIAPI_KEY, WEBHOOK_SECRET, Service, ServiceFactory, Sim
 
 
 def stored_path(service: Service, video_id: str):
@@ -411,6 +413,43 @@ class TestDownloadQueue:
         rows = [await db_video(service, video["id"]) for video in videos]
         assert all(row.download_attempts == 1 for row in rows)
         assert (await sim.stats())["file_requests"] == 4
+        assert service.ctx.runner.free_slots == 1
+
+    async def test_a_caller_that_hangs_up_before_the_ack_still_gets_its_download(
+        self, services: ServiceFactory, sim: Sim
+    ):
+        """A callback whose sender disconnects before the answer is still stored and
+        downloaded, and its download slot is given back."""
+        sim.set(callback_drop_rate=1.0)
+        service = await services.start(DOWNLOAD_CONCURRENCY=1, RECONCILE_INTERVAL_SECONDS=3600)
+        video = await service.submit()
+        async with httpx.AsyncClient(base_url=sim.url) as hiapi:
+            for _ in range(100):
+                task = (
+                    await hiapi.get(
+                        f"/v1/tasks/{video['task_id']}",
+                        headers={"Authorization": f"Bearer {HIAPI_KEY}"},
+                    )
+                ).json()["data"]
+                if task["status"] == "success":
+                    break
+                await asyncio.sleep(0.05)
+        body = json.dumps(task).encode()
+        port = int(service.server.url.rsplit(":", 1)[1])
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"POST {callback_path(video['id'])} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()  # gone before the answer
+        # Well within the 10 s lease: nobody else would have taken it over by then.
+        await service.wait_for(video["id"], "ready", timeout=5)
+        for _ in range(50):
+            if service.ctx.runner.free_slots == 1:
+                break
+            await asyncio.sleep(0.05)
         assert service.ctx.runner.free_slots == 1
 
 

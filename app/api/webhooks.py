@@ -2,7 +2,8 @@
 
 It answers within one short SQL transaction: no network or file I/O. The URL's token proves
 the caller got it from us; the conditional update in ``lifecycle.apply_task`` makes duplicate
-or concurrent copies harmless; a won download starts after the response is sent.
+or concurrent copies harmless; a won download starts as its own task,
+beside the response (or waits in the table when no download slot is free here).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.background import BackgroundTask
 
 from app import lifecycle
 from app.context import AppContext
@@ -109,7 +109,7 @@ async def hiapi_callback(video_id: str, token: str, request: Request) -> Respons
     # queued in the database for whichever replica frees a slot first.
     reserved = task.status == TaskStatus.success and bool(task.output) and ctx.runner.try_reserve()
     owner = uuid.uuid4().hex if reserved else None
-    background = None
+    started = False
     try:
         with bind(video_id=vid, task_id=task.taskId):
             # Written together with the callbacks arriving alongside; answered after the commit.
@@ -132,8 +132,11 @@ async def hiapi_callback(video_id: str, token: str, request: Request) -> Respons
             else:
                 log.info("webhook.%s status=%s", outcome.value, task.status.value)
             if outcome == lifecycle.ApplyOutcome.download_claimed and owner is not None:
-                background = BackgroundTask(ctx.runner.start_download_later, vid, owner)
+                # A task of its own, not a response background task: Starlette skips those
+                # when the client has gone, which would leave the reserved slot taken.
+                ctx.runner.start_download(vid, owner, reserved=True)
+                started = True
     finally:
-        if reserved and background is None:
+        if reserved and not started:
             ctx.runner.release()
-    return Response(_ACKS[outcome], media_type="application/json", background=background)
+    return Response(_ACKS[outcome], media_type="application/json")

@@ -70,11 +70,6 @@ class JobRunner:
         self._tasks.add(task)
         task.add_done_callback(self._ended)
 
-    async def start_download_later(self, video_id: uuid.UUID, owner: str) -> None:
-        """For ``BackgroundTasks`` (runs on the event loop after the response is sent), with
-        the slot the webhook reserved."""
-        self.start_download(video_id, owner, reserved=True)
-
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if self.refill is None or self._stop.is_set():
