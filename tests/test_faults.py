@@ -79,13 +79,18 @@ async def database_outage(database_url: str) -> AsyncIterator[tuple[str, object]
         class SqliteLock:
             conn: sqlite3.Connection | None = None
 
+            # The service under test shares this event loop: taking the lock must wait in a
+            # thread, or a write transaction the service has open could never finish and the
+            # lock would time out instead.
             async def cut(self) -> None:
-                self.conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-                self.conn.execute("BEGIN EXCLUSIVE")
+                self.conn = sqlite3.connect(
+                    path, isolation_level=None, timeout=30, check_same_thread=False
+                )
+                await asyncio.to_thread(self.conn.execute, "BEGIN EXCLUSIVE")
 
             async def restore(self) -> None:
                 assert self.conn is not None
-                self.conn.execute("ROLLBACK")
+                await asyncio.to_thread(self.conn.execute, "ROLLBACK")
                 self.conn.close()
 
         yield database_url, SqliteLock()
