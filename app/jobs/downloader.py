@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import aiohttp
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from yarl import URL
 
 from app import lifecycle
 from app.jobs.hosts import HostAllowlist, resolves_to_public
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 WRITE_CHUNK = 1024 * 1024
 MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Without expireAt we still stop retrying eventually.
 NO_EXPIRY_RETRY_WINDOW = timedelta(hours=24)
 # How long a cancelled download may take to abort its upload before the task gives up on it.
@@ -81,7 +84,7 @@ class Downloader:
         self,
         *,
         sessionmaker: async_sessionmaker[AsyncSession],
-        http: httpx.AsyncClient,
+        http: aiohttp.ClientSession,
         storage: Storage,
         allowlist: HostAllowlist,
         settings: DownloadSettings,
@@ -146,7 +149,7 @@ class Downloader:
             METRICS.downloads.labels("stopped").inc()
             await self._release(video_id, owner, self._clock(), f"stopped: {exc}")
             return
-        except (Transient, StorageError, httpx.HTTPError, OSError) as exc:
+        except (Transient, StorageError, aiohttp.ClientError, OSError) as exc:
             now = self._clock()
             delay = backoff_seconds(
                 attempts, base=self._settings.retry_base, cap=self._settings.retry_max
@@ -286,12 +289,16 @@ class Downloader:
                     "host_not_allowed",
                     f"download host {current.host} resolves to a private or local address",
                 )
-            # identity: a clip is already compressed; its bytes are stored as sent.
-            async with self._http.stream(
-                "GET", current, headers={"Accept-Encoding": "identity"}
+            # identity: a clip is already compressed; its bytes are stored as sent. The URL
+            # goes out exactly as hiapi wrote it (httpx's parsing keeps every escape, which a
+            # presigned signature depends on).
+            async with self._http.get(
+                URL(str(current), encoded=True),
+                headers={"Accept-Encoding": "identity"},
+                allow_redirects=False,
             ) as response:
-                if response.is_redirect:
-                    location = response.headers.get("location")
+                if response.status in _REDIRECTS:
+                    location = response.headers.get("Location")
                     if not location:
                         raise Permanent("bad_redirect", "redirect without a Location header")
                     current = current.join(location)
@@ -300,9 +307,9 @@ class Downloader:
         raise Permanent("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
 
     async def _consume(
-        self, response: httpx.Response, writer: ClipWriter, lost: asyncio.Event
+        self, response: aiohttp.ClientResponse, writer: ClipWriter, lost: asyncio.Event
     ) -> tuple[int, str]:
-        status = response.status_code
+        status = response.status
         if status in (408, 429) or status >= 500 or status in (403, 404, 410):
             # 403/404/410 before expireAt can be storage lag; the deadline bounds the retries.
             raise Transient(f"download answered HTTP {status}")
@@ -321,11 +328,10 @@ class Downloader:
         # The previous chunk is hashed and written (in worker threads) while the next one is
         # read: at most one chunk in flight, so memory stays bounded at about 2 × WRITE_CHUNK.
         in_flight: asyncio.Task[None] | None = None
-        encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
-        # Bytes as they come off the socket, unless the server compressed them anyway.
-        chunks = response.aiter_bytes() if encoded else response.aiter_raw()
         try:
-            async for chunk in chunks:
+            # Bytes as they come off the socket (decoded only if the server compressed them
+            # anyway, which a clip should never be).
+            async for chunk in response.content.iter_any():
                 if lost.is_set():
                     raise Stopped("lease lost")
                 total += len(chunk)
