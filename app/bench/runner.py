@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -120,6 +121,11 @@ def run_bench(
                 result = ScenarioResult(name, title, error=f"{type(exc).__name__}: {exc}")
                 result.notes.append("Traceback (last frames): " + " / ".join(trace[-6:]))
             result.seconds = time.monotonic() - t0
+            # Each scenario starts on a quiet disk: the files one leaves (a 1 GiB source clip
+            # that was never fsynced) would otherwise be written back during the next one,
+            # and every Postgres commit there would wait behind that writeback.
+            shutil.rmtree(cfg.workdir, ignore_errors=True)
+            os.sync()
             report.progress(
                 f"{name} {'FAILED' if result.error else 'done'} in {result.seconds:.1f} s"
             )
