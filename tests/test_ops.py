@@ -65,6 +65,9 @@ class TestProbes:
             for method, op in methods.items():
                 where = f"{method.upper()} {path}"
                 assert op.get("summary"), f"{where} has no summary"
+                in_path = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+                templated = set(re.findall(r"{(\w+)}", path))
+                assert in_path == templated, f"{where} documents path parameters {in_path}"
                 if path.startswith(("/v1/", "/webhooks/")):
                     errors = [r for code, r in op["responses"].items() if code.startswith("4")]
                     assert any("ErrorOut" in str(r.get("content", {})) for r in errors), (

@@ -26,12 +26,13 @@ from app.models import Via
 from app.schemas import ErrorOut
 from app.security import token_matches
 
-__all__ = ["router"]
+__all__ = ["PATH", "hiapi_callback", "router"]
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["webhooks"])
 
 MAX_CALLBACK_BYTES = 256 * 1024
+PATH = "/webhooks/hiapi/{video_id}/{token}"
 
 
 class CallbackAck(BaseModel):
@@ -67,13 +68,33 @@ async def _read_capped(request: Request) -> bytes:
 
 
 @router.post(
-    "/webhooks/hiapi/{video_id}/{token}",
+    PATH,
     response_model=CallbackAck,
     summary="hiapi task callback",
     description=(
         "hiapi POSTs the finished task here (bare, or wrapped as `{code, data}`). The URL is "
         "per video and signed; a wrong token gets 404. Duplicates are acknowledged and ignored."
     ),
+    # The path parameters are read from the request, not declared in the signature; they are
+    # documented here instead.
+    openapi_extra={
+        "parameters": [
+            {
+                "name": "video_id",
+                "in": "path",
+                "required": True,
+                "description": "The video's id, as in the callback URL videorelay gave hiapi.",
+                "schema": {"type": "string", "title": "Video Id"},
+            },
+            {
+                "name": "token",
+                "in": "path",
+                "required": True,
+                "description": "The URL's signature (HMAC of the video id); never logged.",
+                "schema": {"type": "string", "title": "Token"},
+            },
+        ]
+    },
     responses={
         400: {"model": ErrorOut, "description": "Not JSON, or not a task object."},
         404: {"model": ErrorOut, "description": "Unknown video or wrong token."},
@@ -82,10 +103,13 @@ async def _read_capped(request: Request) -> bytes:
         503: {"model": ErrorOut, "description": "Database unavailable; hiapi should retry."},
     },
 )
-async def hiapi_callback(video_id: str, token: str, request: Request) -> Response:
-    # The hot path: no dependencies to solve and no response model to validate; the ack is
-    # written directly (its schema is ``CallbackAck``, shown in the OpenAPI document).
+async def hiapi_callback(request: Request) -> Response:
+    # The hot path. ``app.main`` serves it through a plain Starlette route, so there are no
+    # parameters or dependencies to solve and no response model to validate; the decorator
+    # above only documents it. The ack is written directly (its schema is ``CallbackAck``).
     ctx: AppContext = request.app.state.ctx
+    video_id: str = request.path_params["video_id"]
+    token: str = request.path_params["token"]
     try:
         vid = uuid.UUID(video_id)
     except ValueError:
