@@ -8,6 +8,7 @@ give their leases back, and waits at most ``SHUTDOWN_GRACE_SECONDS``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -74,6 +75,9 @@ def create_app(
                 ctx.background.append(asyncio.create_task(ctx.reconciler.run(ctx.stop)))
                 ctx.background.append(asyncio.create_task(ctx.notifier.run(ctx.stop)))
             log.info("service.started public_base=%s", settings.public_base)
+            # Everything built so far lives as long as the process: keep the collector from
+            # walking it again on every full collection (pauses that showed in the ack p99).
+            gc.freeze()
             try:
                 yield
             finally:
