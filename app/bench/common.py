@@ -199,8 +199,10 @@ class ServerProcess:
         extra: Sequence[str] = (),
         health: str = "/healthz",
         port: int | None = None,
+        nice: int = 0,
     ) -> None:
         self.name = name
+        self.nice = nice
         self.health = health
         self.factory = factory
         self.env = env
@@ -212,7 +214,9 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:
+        # ``nice -n N`` execs the server: same pid, lower CPU priority.
         args = [
+            *(("nice", "-n", str(self.nice)) if self.nice else ()),
             sys.executable,
             "-m",
             "uvicorn",
