@@ -1,5 +1,6 @@
 """Plain function tests, no database: hiapi input rules and task parsing, the download host
-allowlist, webhook tokens, the MP4 sniff, backoff, and the hiapi client's error mapping.
+allowlist, webhook tokens, the MP4 sniff, the download's hash-and-store pipeline, backoff, and
+the hiapi client's error mapping.
 
 The client tests use ``httpx.MockTransport`` because the shapes they need (a bare connect
 error, a read timeout, a 200 with a non-JSON body) are hard to get from the simulator.
@@ -7,6 +8,8 @@ error, a read timeout, a 200 with a non-JSON body) are hard to get from the simu
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import random
 import uuid
@@ -27,7 +30,7 @@ from app.hiapi.schemas import (
     input_errors,
     parse_task_payload,
 )
-from app.jobs.downloader import is_mp4_header
+from app.jobs.downloader import _Sink, is_mp4_header
 from app.jobs.hosts import HostAllowlist
 from app.retry import backoff_seconds
 from app.security import callback_url, token_matches, webhook_token
@@ -366,6 +369,66 @@ class TestIsMp4Header:
     )
     def test_anything_else_is_not(self, head: bytes):
         assert not is_mp4_header(head)
+
+
+class _SlowWriter:
+    """A storage writer whose writes take random, overlapping-prone times."""
+
+    key = "clip.mp4"
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.chunks: list[bytes] = []
+        self.active = 0
+        self.fail_at = fail_at
+
+    async def write(self, data: bytes) -> None:
+        self.active += 1
+        try:
+            assert self.active == 1, "two writes at once"
+            await asyncio.sleep(random.uniform(0, 0.004))
+            if self.fail_at is not None and len(self.chunks) == self.fail_at:
+                raise OSError("disk full")
+            self.chunks.append(data)
+        finally:
+            self.active -= 1
+
+    async def commit(self) -> None:
+        return None
+
+    async def abort(self) -> None:
+        return None
+
+
+class TestDownloadSink:
+    """The downloader's hash-and-store pipeline keeps bytes in order and stops on a failure."""
+
+    async def test_chunks_are_written_and_hashed_in_order(self):
+        chunks = [bytes([i]) * random.randint(1, 70_000) for i in range(60)]
+        writer, hasher = _SlowWriter(), hashlib.sha256()
+        sink = _Sink(writer, hasher)
+        for chunk in chunks:
+            await sink.put(chunk)
+        await sink.finish()
+        assert writer.chunks == chunks
+        assert hasher.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
+
+    async def test_a_failed_write_raises_and_nothing_after_it_is_written(self):
+        writer = _SlowWriter(fail_at=5)
+        sink = _Sink(writer, hashlib.sha256())
+
+        async def feed() -> None:
+            try:
+                for i in range(40):
+                    await sink.put(bytes([i]) * 1000)
+                await sink.finish()
+            finally:
+                await sink.cancel()
+
+        with pytest.raises(OSError, match="disk full"):
+            await feed()
+        assert [c[0] for c in writer.chunks] == [0, 1, 2, 3, 4]
+        await asyncio.sleep(0.05)  # nothing still running writes later
+        assert len(writer.chunks) == 5
 
 
 class TestBackoffSeconds:

@@ -14,11 +14,12 @@ webhooks. Any failure aborts the writer, so nothing half-written remains. Transi
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,6 +41,8 @@ __all__ = ["DownloadSettings", "Downloader", "is_mp4_header"]
 log = logging.getLogger(__name__)
 
 WRITE_CHUNK = 1024 * 1024
+# Chunks being hashed and written while the next one is read (see ``_Sink``).
+PIPELINE_DEPTH = 3
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Without expireAt we still stop retrying eventually.
@@ -321,13 +324,11 @@ class Downloader:
             raise Permanent("too_large", f"clip is {declared} bytes; MAX_VIDEO_BYTES is {limit}")
 
         hasher = hashlib.sha256()
+        sink = _Sink(writer, hasher)
         total = 0
         checked = False
         pieces: list[bytes] = []
         pending = 0  # bytes in ``pieces``
-        # The previous chunk is hashed and written (in worker threads) while the next one is
-        # read: at most one chunk in flight, so memory stays bounded at about 2 × WRITE_CHUNK.
-        in_flight: asyncio.Task[None] | None = None
         try:
             # Bytes as they come off the socket (decoded only if the server compressed them
             # anyway, which a clip should never be).
@@ -349,20 +350,14 @@ class Downloader:
                     data = b"".join(pieces)  # the one copy of these bytes
                     pieces.clear()
                     pending = 0
-                    if in_flight is not None:
-                        await in_flight
-                    in_flight = asyncio.create_task(_write(writer, hasher, data))
+                    await sink.put(data)
             if not checked:
                 raise Permanent("not_mp4", "the downloaded file is not an MP4 (too short)")
-            if in_flight is not None:
-                await in_flight
-                in_flight = None
             if pieces:
-                await _write(writer, hasher, b"".join(pieces))
+                await sink.put(b"".join(pieces))
+            await sink.finish()
         finally:
-            if in_flight is not None:  # only on the way out by an error
-                in_flight.cancel()
-                await asyncio.gather(in_flight, return_exceptions=True)
+            await sink.cancel()  # nothing left to do on success; on an error, stop the rest
         return total, hasher.hexdigest()
 
     async def _renew(self, video_id: uuid.UUID, owner: str) -> None:
@@ -410,9 +405,56 @@ class Downloader:
             METRICS.downloads.labels(code).inc()
 
 
-async def _write(writer: ClipWriter, hasher: hashlib._Hash, data: bytes) -> None:
-    """Hash (in a worker thread) and store one chunk, side by side."""
-    await asyncio.gather(asyncio.to_thread(hasher.update, data), writer.write(data))
+class _Sink:
+    """Hashes and stores chunks in worker threads, in order, while the caller reads on.
+
+    Two chains of steps, one hashing and one writing: each step waits for the one before it
+    in its chain, so bytes are hashed and written in the order they came, and hashing one
+    chunk overlaps writing another. At most ``PIPELINE_DEPTH`` chunks are in flight, which
+    bounds memory at about (``PIPELINE_DEPTH`` + 1) × ``WRITE_CHUNK``. A failed step fails
+    every step after it in its chain, and ``put``/``finish`` raise its error.
+    """
+
+    def __init__(self, writer: ClipWriter, hasher: hashlib._Hash) -> None:
+        self._writer = writer
+        self._hasher = hasher
+        self._steps: collections.deque[tuple[asyncio.Task[None], asyncio.Task[None]]] = (
+            collections.deque()
+        )
+
+    async def put(self, data: bytes) -> None:
+        if len(self._steps) >= PIPELINE_DEPTH:
+            await self._settle_oldest()
+        last_hash, last_write = self._steps[-1] if self._steps else (None, None)
+        hashing = asyncio.create_task(
+            _after(last_hash, lambda: asyncio.to_thread(self._hasher.update, data))
+        )
+        writing = asyncio.create_task(_after(last_write, lambda: self._writer.write(data)))
+        self._steps.append((hashing, writing))
+
+    async def finish(self) -> None:
+        while self._steps:
+            await self._settle_oldest()
+
+    async def cancel(self) -> None:
+        """Stop every step still in flight and wait until they have stopped."""
+        steps = [task for pair in self._steps for task in pair]
+        self._steps.clear()
+        for task in steps:
+            task.cancel()
+        await asyncio.gather(*steps, return_exceptions=True)
+
+    async def _settle_oldest(self) -> None:
+        hashing, writing = self._steps[0]
+        await hashing
+        await writing
+        self._steps.popleft()
+
+
+async def _after(previous: asyncio.Task[None] | None, step: Callable[[], Awaitable[None]]) -> None:
+    if previous is not None:
+        await previous
+    await step()
 
 
 def _describe(exc: BaseException) -> str:
