@@ -35,6 +35,7 @@ from app.logging import bind
 from app.metrics import METRICS
 from app.retry import backoff_seconds
 from app.storage import ClipWriter, Storage, StorageError
+from app.threads import run_bulk
 
 __all__ = ["DownloadSettings", "Downloader", "is_mp4_header"]
 
@@ -427,7 +428,7 @@ class _Sink:
             await self._settle_oldest()
         last_hash, last_write = self._steps[-1] if self._steps else (None, None)
         hashing = asyncio.create_task(
-            _after(last_hash, lambda: asyncio.to_thread(self._hasher.update, data))
+            _after(last_hash, lambda: run_bulk(self._hasher.update, data))
         )
         writing = asyncio.create_task(_after(last_write, lambda: self._writer.write(data)))
         self._steps.append((hashing, writing))

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from app.threads import run_bulk
+
 __all__ = ["LocalStorage", "LocalWriter"]
 
 
@@ -178,7 +180,7 @@ class LocalWriter:
                 pass  # e.g. the directory itself is gone; the next attempt cleans up
 
     async def write(self, data: bytes) -> None:
-        await asyncio.to_thread(self._write, data)
+        await run_bulk(self._write, data)
 
     async def commit(self) -> None:
         await asyncio.to_thread(self._close)
