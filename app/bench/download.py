@@ -296,7 +296,7 @@ def _report(
         f"cache for both. The subject's time includes fsync + rename "
         f"({best['commit_s']:.2f} s of {best['wall_s']:.2f} s); curl does not fsync. Peak RSS "
         f"of the subject process is {peak:.0f} MiB, {peak - before:.0f} MiB above its RSS "
-        f"before the download (interpreter, SQLAlchemy, httpx); curl's peak is "
+        f"before the download (interpreter, SQLAlchemy, HTTP clients); curl's peak is "
         f"{curl['peak_rss_kib'] / 1024:.0f} MiB. MAX_VIDEO_BYTES is raised above the file size."
     )
 
