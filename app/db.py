@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -11,6 +12,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
+    AsyncSessionTransaction,
     async_sessionmaker,
     create_async_engine,
 )
@@ -84,8 +86,85 @@ def _ensure_sqlite_dir(url: str) -> None:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+def create_sessionmaker(
+    engine: AsyncEngine, *, timeout: float = 10.0
+) -> async_sessionmaker[AsyncSession]:
+    """``timeout``: on SQLite, how long a transaction waits for its turn (``_WriteTurns``)
+    before it fails as the database being unavailable; pass the engine's ``timeout``."""
+    if is_sqlite(str(engine.url)):
+        # One class per engine: its sessions share that engine's turns.
+        turns = _WriteTurns(timeout)
+        session_class = type("SqliteSession", (_SqliteSession,), {"turns": turns})
+        return async_sessionmaker(engine, class_=session_class, expire_on_commit=False)
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+class _WriteTurns:
+    """SQLite allows one writer at a time; the others wait in SQLite's busy handler, which
+    polls the lock with sleeps of up to 100 ms, so under contention a commit could wait
+    hundreds of milliseconds after the lock was free. Transactions of one process instead
+    take turns here, first come first served, and find the lock free when their turn comes.
+
+    A task that already has the turn (a transaction opened inside another) goes on without
+    waiting for itself. Other processes on the same file still meet in the busy handler. A
+    turn that does not come within ``timeout`` (the database is held by someone else, say)
+    raises ``TimeoutError``, which the API answers as 503 ``database_unavailable``: queued
+    transactions fail after the same wait as SQLite's own, not one after another.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._lock = asyncio.Lock()
+        self._holder: asyncio.Task[Any] | None = None
+        self._depth = 0
+
+    async def take(self) -> None:
+        task = asyncio.current_task()
+        if task is not None and task is self._holder:
+            self._depth += 1
+            return
+        try:
+            await asyncio.wait_for(self._lock.acquire(), self._timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no turn to write to SQLite within {self._timeout:g} s") from None
+        self._holder, self._depth = task, 1
+
+    def give_back(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._holder = None
+            self._lock.release()
+
+
+class _TurnTransaction(AsyncSessionTransaction):
+    __slots__ = ("turns",)
+
+    def __init__(self, session: AsyncSession, turns: _WriteTurns) -> None:
+        super().__init__(session)
+        self.turns = turns
+
+    async def __aenter__(self) -> AsyncSessionTransaction:
+        await self.turns.take()
+        try:
+            return await super().__aenter__()
+        except BaseException:
+            self.turns.give_back()
+            raise
+
+    async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
+        try:
+            await super().__aexit__(type_, value, traceback)
+        finally:
+            self.turns.give_back()
+
+
+class _SqliteSession(AsyncSession):
+    """``begin()`` transactions take turns (``_WriteTurns``); reads outside one do not."""
+
+    turns: _WriteTurns
+
+    def begin(self) -> AsyncSessionTransaction:
+        return _TurnTransaction(self, self.turns)
 
 
 async def session_scope(sm: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:

@@ -57,7 +57,7 @@ def create_app(
             ctx = build_context(
                 settings,
                 engine=engine,
-                sessionmaker=create_sessionmaker(engine),
+                sessionmaker=create_sessionmaker(engine, timeout=settings.DATABASE_TIMEOUT_SECONDS),
                 clock=clock,
                 head_revision=await asyncio.to_thread(head_revision, settings.DATABASE_URL),
             )

@@ -440,3 +440,70 @@ class TestGroupCommit:
         await engine.dispose()
         assert all(isinstance(r, OperationalError) for r in results)
         assert (await reload(sm, video.id)).status == Status.processing
+
+
+class TestSqliteWriteTurns:
+    """On SQLite, one process's write transactions take turns instead of meeting in SQLite's
+    busy handler (which polls with sleeps of up to 100 ms, or fails at busy_timeout)."""
+
+    @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+    async def test_concurrent_writers_all_commit_with_a_tiny_lock_timeout(self, database_url: str):
+        # A 20 ms busy timeout: writers left to SQLite would fail with "database is locked".
+        engine = create_engine(database_url, timeout=0.02)
+        sm = create_sessionmaker(engine)
+        try:
+
+            async def writer() -> None:
+                async with sm() as session, session.begin():
+                    await lifecycle.create_video(
+                        session,
+                        params=PARAMS,
+                        idempotency_key=None,
+                        now=utc_now(),
+                        submit_hold=timedelta(0),
+                    )
+                    await asyncio.sleep(0.01)  # holds the write lock across an await
+
+            await asyncio.gather(*(writer() for _ in range(20)))
+            async with sm() as session:
+                assert await session.scalar(select(func.count()).select_from(Video)) == 20
+        finally:
+            await engine.dispose()
+
+    @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+    async def test_a_transaction_opened_inside_another_by_the_same_task_does_not_wait_for_it(
+        self, database_url: str, sm: async_sessionmaker[AsyncSession]
+    ):
+        async def nested() -> int | None:
+            async with sm() as outer, outer.begin():
+                async with sm() as inner, inner.begin():
+                    return await inner.scalar(select(func.count()).select_from(Video))
+
+        assert await asyncio.wait_for(nested(), 5) == 0
+
+    @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+    async def test_a_turn_that_does_not_come_in_time_fails_instead_of_queueing_on(
+        self, database_url: str
+    ):
+        engine = create_engine(database_url, timeout=0.1)
+        sm = create_sessionmaker(engine, timeout=0.1)
+        holding = asyncio.Event()
+        try:
+
+            async def long_writer() -> None:
+                async with sm() as session, session.begin():
+                    holding.set()
+                    await asyncio.sleep(0.6)
+
+            slow = asyncio.create_task(long_writer())
+            await holding.wait()
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(TimeoutError):
+                async with sm() as session, session.begin():
+                    pass
+            assert asyncio.get_running_loop().time() - started < 0.5
+            await slow
+            async with sm() as session, session.begin():  # the turns were given back
+                pass
+        finally:
+            await engine.dispose()
