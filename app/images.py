@@ -101,17 +101,25 @@ def store_file(storage_root: Path, token: str, extension: str, data: bytes) -> s
     return f"images/{token}.{extension}"
 
 
+async def store(storage_root: Path, info: ImageInfo, data: bytes) -> tuple[str, str]:
+    """Write the file under a new unguessable token; returns (token, storage key). Called
+    before the transaction that records it, so no transaction waits on the disk."""
+    token = secrets.token_urlsafe(24)
+    key = await asyncio.to_thread(store_file, storage_root, token, info.extension, data)
+    return token, key
+
+
 async def create(
     session: AsyncSession,
     *,
     owner: str,
     info: ImageInfo,
     data: bytes,
-    storage_root: Path,
+    token: str,
+    key: str,
     now: datetime,
 ) -> Image:
-    token = secrets.token_urlsafe(24)
-    key = await asyncio.to_thread(store_file, storage_root, token, info.extension, data)
+    """Record an image ``store`` has written."""
     image = Image(
         id=uuid.uuid4(),
         owner=owner,

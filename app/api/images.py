@@ -55,14 +55,10 @@ async def upload_image(
         info = await asyncio.to_thread(images.inspect_image, data)
     except images.NotAnImage as exc:
         raise AppError(str(exc), code="unsupported_image", status_code=415) from None
+    token, key = await images.store(ctx.images_root, info, data)
     async with session.begin():
         image = await images.create(
-            session,
-            owner=caller,
-            info=info,
-            data=data,
-            storage_root=ctx.images_root,
-            now=ctx.clock(),
+            session, owner=caller, info=info, data=data, token=token, key=key, now=ctx.clock()
         )
     return ImageOut(
         id=image.id,
