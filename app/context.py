@@ -104,7 +104,7 @@ def build_context(
         timeout=httpx.Timeout(settings.HIAPI_TIMEOUT_SECONDS, connect=5.0),
         follow_redirects=False,
     )
-    # Clips come through aiohttp: it reads a GiB with about a fifth of httpx's CPU (README,
+    # Clips come through aiohttp: it reads a GiB with about a quarter of httpx's CPU (README,
     # "Dependencies"). Redirects are followed by hand, each hop checked; no cookies are kept.
     download_http = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=60.0),

@@ -98,7 +98,7 @@ def create_app(
     register_exception_handlers(app)
     install_http_policies(app, settings)
     # The webhook's route first: routes are matched in order, and it takes the bursts. It is
-    # served by a plain Starlette route (no FastAPI request handling: about a fifth of its
+    # served by a plain Starlette route (no FastAPI request handling: about a third of its
     # CPU); the FastAPI route behind it, never reached, documents it in OpenAPI.
     app.add_route(webhooks.PATH, webhooks.hiapi_callback, methods=["POST"], include_in_schema=False)
     app.include_router(webhooks.router)
