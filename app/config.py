@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     MAX_VIDEO_BYTES: int = Field(default=512 * 1024 * 1024, gt=0)
     DOWNLOAD_LEASE_SECONDS: float = Field(default=60.0, gt=0)
     DOWNLOAD_CONCURRENCY: int = Field(default=4, ge=0)
+    DOWNLOAD_MAX_RETRY_SECONDS: float = Field(
+        default=86400.0,
+        gt=0,
+        description="A clip is retried until min(expireAt, task finished + this), then expired.",
+    )
     RECONCILE_AFTER_SECONDS: float = Field(default=600.0, ge=0)
     RECONCILE_INTERVAL_SECONDS: float = Field(default=30.0, gt=0)
     TASK_TIMEOUT_SECONDS: float = Field(
@@ -67,6 +72,9 @@ class Settings(BaseSettings):
     RETRY_MAX_SECONDS: float = Field(default=300.0, gt=0)
     SHUTDOWN_GRACE_SECONDS: float = Field(default=10.0, ge=0)
     LOG_LEVEL: str = Field(default="INFO")
+    LOG_FORMAT: Literal["text", "json"] = Field(
+        default="text", description="`text` (readable lines) or `json` (one object per line)."
+    )
     API_KEYS: SecretStr = Field(
         default=SecretStr(""),
         description="Comma-separated `name:key` pairs (or bare keys); empty = open API.",
@@ -86,11 +94,29 @@ class Settings(BaseSettings):
         default=False, description="Allow http:// and private addresses in notify_url (dev)."
     )
     IMAGE_MAX_BYTES: int = Field(default=20 * 1024 * 1024, gt=0)
+    MAX_JSON_BODY_BYTES: int = Field(
+        default=64 * 1024, gt=0, description="Largest JSON request body on /v1/*, capped while read."
+    )
     IMAGE_RETENTION_SECONDS: float = Field(default=7 * 86400.0, ge=0)
     EVENTS_POLL_SECONDS: float = Field(default=0.5, gt=0)
+    EVENTS_MAX_STREAMS: int = Field(
+        default=20, ge=1, description="Open event streams per caller (API key) per process."
+    )
+    EVENTS_MAX_STREAM_SECONDS: float = Field(
+        default=3600.0, gt=0, description="An event stream ends after this; clients reconnect."
+    )
+    METRICS_TOKEN: SecretStr | None = Field(
+        default=None, description="Bearer token /metrics requires; unset = open (see METRICS_PORT)."
+    )
+    METRICS_PORT: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Serve /metrics on this second port only (not on the public one).",
+    )
     CORS_ORIGINS: str = Field(default="", description="Comma-separated origins, or `*`.")
 
-    @field_validator("STORAGE_URL", "S3_ENDPOINT_URL", mode="before")
+    @field_validator("STORAGE_URL", "S3_ENDPOINT_URL", "METRICS_TOKEN", "METRICS_PORT", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
