@@ -95,7 +95,9 @@ class Settings(BaseSettings):
     )
     IMAGE_MAX_BYTES: int = Field(default=20 * 1024 * 1024, gt=0)
     MAX_JSON_BODY_BYTES: int = Field(
-        default=64 * 1024, gt=0, description="Largest JSON request body on /v1/*, capped while read."
+        default=64 * 1024,
+        gt=0,
+        description="Largest JSON request body on /v1/*, capped while read.",
     )
     IMAGE_RETENTION_SECONDS: float = Field(default=7 * 86400.0, ge=0)
     EVENTS_POLL_SECONDS: float = Field(default=0.5, gt=0)
@@ -116,7 +118,9 @@ class Settings(BaseSettings):
     )
     CORS_ORIGINS: str = Field(default="", description="Comma-separated origins, or `*`.")
 
-    @field_validator("STORAGE_URL", "S3_ENDPOINT_URL", "METRICS_TOKEN", "METRICS_PORT", mode="before")
+    @field_validator(
+        "STORAGE_URL", "S3_ENDPOINT_URL", "METRICS_TOKEN", "METRICS_PORT", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
