@@ -3,7 +3,8 @@
 Every test that touches a database runs once per database. Postgres tests get a database of
 their own for the session (created from the trusted local server, dropped at the end) and a
 TRUNCATE between tests; SQLite tests get a fresh copy of a migrated template file.
-Under ``CI=true`` a missing Postgres is an error; locally those tests are skipped.
+Under ``CI`` (any non-empty value) a missing Postgres is an error, and so is any skipped
+Postgres-parametrised test; locally those tests are skipped.
 """
 
 from __future__ import annotations
@@ -33,8 +34,32 @@ from app.simulator import SimulatorConfig, create_simulator_app
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_HOST = os.environ.get("TEST_PG_HOST", "postgres@127.0.0.1:5432")
 T = TypeVar("T")
+# CI systems set CI to "true", "1", "yes"...: any non-empty value means the run must be whole.
+IN_CI = bool(os.environ.get("CI"))
 WEBHOOK_SECRET = "test-webhook-secret-0123456789abcdef"
 HIAPI_KEY = "sk-test-key-0123456789"
+
+
+# --- CI: no quiet skips of the Postgres half ---------------------------------------------
+
+_SKIPPED_POSTGRES: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "postgres" in report.nodeid:
+        _SKIPPED_POSTGRES.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if IN_CI and _SKIPPED_POSTGRES:
+        terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+        if terminal is not None:
+            terminal.write_line(
+                f"under CI, {len(_SKIPPED_POSTGRES)} Postgres test(s) were skipped, e.g.:"
+            )
+            for nodeid in _SKIPPED_POSTGRES[:10]:
+                terminal.write_line(f"  {nodeid}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # --- databases ---------------------------------------------------------------------------
@@ -59,8 +84,8 @@ def in_thread(fn: Callable[[], T]) -> T:
 def postgres_database() -> Iterator[str]:
     """A database of this test session's own on the local Postgres, migrated to head."""
     if not in_thread(lambda: asyncio.run(_pg_reachable())):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Postgres is required under CI=true but {PG_ADMIN_DSN} is unreachable")
+        if IN_CI:
+            pytest.fail(f"Postgres is required under CI but {PG_ADMIN_DSN} is unreachable")
         pytest.skip(f"Postgres not reachable at {PG_ADMIN_DSN}; skipping Postgres runs")
     name = f"videorelay_test_{uuid.uuid4().hex[:10]}"
 

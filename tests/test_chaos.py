@@ -31,7 +31,7 @@ from app.chaos_report import (
     percentile,
     render_text,
 )
-from tests.conftest import PG_ADMIN_DSN, in_thread
+from tests.conftest import IN_CI, PG_ADMIN_DSN, in_thread
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # A stall of the service's fixed 120 s reconciler hold (a replica killed right after claiming
@@ -88,8 +88,8 @@ async def _pg_reachable() -> bool:
 
 def test_chaos_postgres_two_replicas(tmp_path: Path) -> None:
     if not in_thread(lambda: asyncio.run(_pg_reachable())):
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Postgres is required under CI=true but {PG_ADMIN_DSN} is unreachable")
+        if IN_CI:
+            pytest.fail(f"Postgres is required under CI but {PG_ADMIN_DSN} is unreachable")
         pytest.skip(f"Postgres not reachable at {PG_ADMIN_DSN}; skipping the Postgres chaos run")
     report = run_chaos(
         tmp_path,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.conftest import ServiceFactory, Sim
+from tests.conftest import IN_CI, ServiceFactory, Sim
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -46,8 +45,8 @@ async def wait_js(page: Any, expression: str, timeout: float = 15.0) -> None:
 @pytest.fixture
 def chromium() -> str:
     if not Path(CHROMIUM).exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is required under CI=true (scripts/test installs it)")
+        if IN_CI:
+            pytest.fail("chromium is required under CI (scripts/test installs it)")
         pytest.skip("chromium is not installed; the browser test is skipped")
     return CHROMIUM
 
