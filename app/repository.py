@@ -1,11 +1,24 @@
-"""Read queries for the API (state changes live in ``lifecycle``)."""
+"""Read queries for the API (state changes live in ``lifecycle``).
+
+List cursors are opaque and signed: ``base64url(JSON [created_at, id]) "." base64url(MAC)``,
+the MAC an HMAC-SHA256 (first 16 bytes) over the caller and the payload under a key derived
+from ``WEBHOOK_SECRET`` (which every replica already shares and keeps across restarts; without
+it, as under ``--simulate``, the key is random per process and cursors end with the process).
+A cursor that was altered, forged, issued to another API key, or signed under another secret is
+refused with a 422 before anything is parsed, and the payload is still checked strictly after
+the MAC, so even a key holder's hand-made cursor cannot reach the database malformed.
+"""
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
+import hmac
 import json
+import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import Uuid, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,31 +26,98 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import UTCDateTime
 from app.models import Notification, Video
 
-__all__ = ["BadCursor", "decode_cursor", "encode_cursor", "list_videos"]
+__all__ = [
+    "BadCursor",
+    "cursor_key",
+    "decode_cursor",
+    "encode_cursor",
+    "list_videos",
+    "seal_cursor",
+]
+
+_CURSOR_KEY_LABEL = b"videorelay:list-cursor:v1"
+_MAC_BYTES = 16
+_CURSOR_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,200}\.[A-Za-z0-9_-]{22}")
 
 
 class BadCursor(ValueError):
-    pass
+    """The ``cursor`` query parameter is not one this service issued to this caller."""
 
 
-def encode_cursor(video: Video) -> str:
-    raw = json.dumps([video.created_at.isoformat(), str(video.id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def cursor_key(secret: bytes) -> bytes:
+    """The cursor-signing key: derived from (never equal to) the webhook secret, so a cursor's
+    MAC can never serve as a callback token, nor the other way round."""
+    return hmac.new(secret, _CURSOR_KEY_LABEL, hashlib.sha256).digest()
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+
+
+def _mac(key: bytes, owner: str, payload: bytes) -> bytes:
+    owner_bytes = owner.encode("utf-8", "surrogatepass")
+    message = len(owner_bytes).to_bytes(4, "big") + owner_bytes + payload
+    return hmac.new(key, message, hashlib.sha256).digest()[:_MAC_BYTES]
+
+
+def seal_cursor(key: bytes, owner: str, payload: bytes) -> str:
+    """Sign ``payload`` (the cursor's JSON) for ``owner``."""
+    return f"{_b64(payload)}.{_b64(_mac(key, owner, payload))}"
+
+
+def encode_cursor(key: bytes, owner: str, video: Video) -> str:
+    created = video.created_at.astimezone(UTC).isoformat()
+    payload = json.dumps([created, str(video.id)], separators=(",", ":")).encode()
+    return seal_cursor(key, owner, payload)
+
+
+_REFUSED = (
+    "not a cursor this API issued to this key (altered, from another key, or from before a "
+    "restart or WEBHOOK_SECRET change); pass a `next_cursor` exactly as returned, or leave "
+    "`cursor` out to start from the newest video"
+)
+
+
+def decode_cursor(key: bytes, owner: str, cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The ``(created_at, id)`` position of a signed cursor; ``BadCursor`` for anything else."""
+    if _CURSOR_SHAPE.fullmatch(cursor) is None:
+        raise BadCursor(_REFUSED)
+    body, _, mac = cursor.partition(".")
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, vid = json.loads(raw)
-        return datetime.fromisoformat(created), uuid.UUID(vid)
-    except (ValueError, TypeError) as exc:
-        raise BadCursor("cursor: not a cursor returned by this API") from exc
+        payload, given = _unb64(body), _unb64(mac)
+    except (binascii.Error, ValueError):
+        raise BadCursor(_REFUSED) from None
+    if not hmac.compare_digest(_mac(key, owner, payload), given):
+        raise BadCursor(_REFUSED)
+    # Signed by us, so well-formed unless the key leaked; check anyway, whatever JSON it holds.
+    try:
+        created_text, vid_text = json.loads(payload)
+        if not isinstance(created_text, str) or not isinstance(vid_text, str):
+            raise TypeError("cursor fields are not strings")
+        created = datetime.fromisoformat(created_text)
+        if created.utcoffset() is None:
+            raise ValueError("cursor time has no time zone")
+        return created.astimezone(UTC), uuid.UUID(vid_text)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise BadCursor("signed cursor holds no valid position; leave `cursor` out") from None
 
 
 async def list_videos(
-    session: AsyncSession, *, owner: str, status: str | None, limit: int, cursor: str | None
+    session: AsyncSession,
+    *,
+    owner: str,
+    status: str | None,
+    limit: int,
+    cursor: str | None,
+    secret: bytes,
 ) -> tuple[list[Video], str | None]:
-    """Newest first; keyset pagination on ``(created_at, id)`` so pages stay stable and cheap."""
+    """Newest first; keyset pagination on ``(created_at, id)`` so pages stay stable and cheap.
+    ``secret`` is the webhook secret the cursor key is derived from."""
+    key = cursor_key(secret)
     stmt = (
         select(Video)
         .where(Video.owner == owner)
@@ -47,7 +127,7 @@ async def list_videos(
     if status is not None:
         stmt = stmt.where(Video.status == status)
     if cursor is not None:
-        created, vid = decode_cursor(cursor)
+        created, vid = decode_cursor(key, owner, cursor)
         # Typed binds: a bare datetime would be sent as timestamptz and shifted by the
         # server's time zone when compared with our naive-UTC column.
         bound = tuple_(literal(created, UTCDateTime()), literal(vid, Uuid()))
@@ -55,7 +135,7 @@ async def list_videos(
     rows = list((await session.execute(stmt)).scalars().all())
     more = len(rows) > limit
     rows = rows[:limit]
-    return rows, (encode_cursor(rows[-1]) if more and rows else None)
+    return rows, (encode_cursor(key, owner, rows[-1]) if more and rows else None)
 
 
 async def notifications_for(

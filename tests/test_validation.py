@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from app.repository import decode_cursor
+from app.repository import BadCursor, cursor_key, decode_cursor, seal_cursor
 from tests.conftest import Service, Sim
 
 IMAGE_URL = "https://example.invalid/still.jpg"
@@ -285,9 +285,12 @@ class TestListPagination:
         assert none_ready == {"items": [], "next_cursor": None}
 
 
-def test_cursor_helper_matches_the_api_encoding():
-    """``cursor_of`` must build cursors the way the API does, or the bad-cursor cases lie."""
-    vid = uuid.uuid4()
-    created, got = decode_cursor(cursor_of(["2024-01-01T00:00:00+00:00", str(vid)]))
-    assert got == vid
-    assert created == datetime(2024, 1, 1, tzinfo=UTC)
+def test_cursor_helper_builds_unsigned_cursors_the_api_refuses():
+    """``cursor_of`` builds the unsigned cursors of before signing, which the API refuses even
+    for a well-formed position; tests/test_cursors.py checks signed ones with bad content."""
+    key = cursor_key(b"any-secret-0123456789")
+    position = json.dumps(["2024-01-01T00:00:00+00:00", str(uuid.uuid4())]).encode()
+    sealed = seal_cursor(key, "", position)
+    assert decode_cursor(key, "", sealed)[0] == datetime(2024, 1, 1, tzinfo=UTC)
+    with pytest.raises(BadCursor):
+        decode_cursor(key, "", cursor_of(["2024-01-01T00:00:00+00:00", str(uuid.uuid4())]))

@@ -193,15 +193,29 @@ async def list_videos(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[
-        str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
+        str | None,
+        Query(
+            max_length=200,
+            description=(
+                "`next_cursor` of the previous page, passed back unchanged: it is opaque and "
+                "signed for the calling key, and an altered or foreign one is a 422."
+            ),
+        ),
     ] = None,
 ) -> VideoPage:
     try:
         rows, next_cursor = await repository.list_videos(
-            session, owner=caller, status=status_, limit=limit, cursor=cursor
+            session,
+            owner=caller,
+            status=status_,
+            limit=limit,
+            cursor=cursor,
+            secret=ctx.webhook_secret,
         )
-    except repository.BadCursor as exc:
-        raise AppError(str(exc), code="bad_cursor", status_code=422) from None
+    except repository.BadCursor as exc:  # same 422 shape as any bad query parameter
+        raise RequestValidationError(
+            [{"loc": ("query", "cursor"), "msg": str(exc), "type": "value_error"}]
+        ) from None
     notes = await repository.notifications_for(session, [v.id for v in rows if v.notify_url])
     return VideoPage(items=[to_out(ctx, v, notes.get(v.id)) for v in rows], next_cursor=next_cursor)
 
