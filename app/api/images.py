@@ -53,8 +53,8 @@ async def upload_image(
         )
     try:
         info = await asyncio.to_thread(images.inspect_image, data)
-    except images.NotAnImage as exc:
-        raise AppError(str(exc), code="unsupported_image", status_code=415) from None
+    except images.NotAnImage as exc:  # 415, or 413 image_too_large for ImageTooLarge
+        raise AppError(str(exc), code=exc.code, status_code=exc.status_code) from None
     token, key = await images.store(ctx.images_root, info, data)
     async with session.begin():
         image = await images.create(
