@@ -158,6 +158,11 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings()
     configure_logging(settings.LOG_LEVEL)
     ApiKeys.load(settings.API_KEYS.get_secret_value(), settings.API_KEYS_FILE)  # fail early
+    if settings.METRICS_PORT is not None and settings.METRICS_PORT == args.port:
+        raise ConfigError(
+            f"METRICS_PORT is {args.port}, the port the API listens on; give /metrics another "
+            "port (one only your Prometheus can reach), or unset METRICS_PORT"
+        )
     if args.simulate:
         return _serve_simulated(args, settings)
     settings.require_production_secrets()
@@ -166,6 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.WEBHOOK_SECRET:
         raise ConfigError("WEBHOOK_SECRET is required")
     if args.workers > 1:
+        os.environ["HOST"] = args.host  # each worker binds its METRICS_PORT listener there
         uvicorn.run(
             "app.main:create_app_from_env",
             factory=True,
@@ -177,7 +183,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 0
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, metrics_host=args.host),
         host=args.host,
         port=args.port,
         log_config=None,
@@ -217,7 +223,7 @@ def _serve_simulated(args: argparse.Namespace, settings: Settings) -> int:
         flush=True,
     )
     uvicorn.run(
-        create_app(settings, simulator=simulator),
+        create_app(settings, simulator=simulator, metrics_host=args.host),
         host=args.host,
         port=args.port,
         log_config=None,

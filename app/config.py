@@ -116,6 +116,9 @@ class Settings(BaseSettings):
         le=65535,
         description="Serve /metrics on this second port only (not on the public one).",
     )
+    METRICS_CACHE_SECONDS: float = Field(
+        default=5.0, ge=0, description="How long /metrics reuses its database gauges."
+    )
     CORS_ORIGINS: str = Field(default="", description="Comma-separated origins, or `*`.")
 
     @field_validator(

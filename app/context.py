@@ -28,10 +28,11 @@ from app.jobs.reconciler import Reconciler
 from app.jobs.runner import JobRunner
 from app.jobs.submitter import SubmitPolicy
 from app.lifecycle import TaskReport
-from app.metrics import METRICS
+from app.metrics import METRICS, MetricsEndpoint
 from app.schemas import VideoOut
 from app.security import callback_url
 from app.storage import Storage, open_storage
+from app.streams import StreamSlots
 
 __all__ = ["AppContext", "build_context"]
 
@@ -58,6 +59,8 @@ class AppContext:
     api_keys: ApiKeys
     notifier: Notifier
     callbacks: GroupCommit[TaskReport, lifecycle.ApplyOutcome]
+    metrics: MetricsEndpoint
+    event_streams: StreamSlots = field(default_factory=StreamSlots)
     shutting_down: bool = False
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -222,5 +225,12 @@ def build_context(
             ),
             key=lambda report: report.video_id.hex,
             name="callbacks",
+        ),
+        metrics=MetricsEndpoint(
+            METRICS,
+            sessionmaker,
+            clock,
+            token=settings.METRICS_TOKEN.get_secret_value() if settings.METRICS_TOKEN else None,
+            cache_seconds=settings.METRICS_CACHE_SECONDS,
         ),
     )

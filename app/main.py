@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
@@ -24,6 +25,7 @@ from app.db import create_engine, create_sessionmaker, utc_now
 from app.errors import register_exception_handlers
 from app.http_policies import install_http_policies
 from app.logging import configure_logging
+from app.metrics import serve_metrics_port
 from app.migrate import head_revision
 
 __all__ = ["create_app", "create_app_from_env"]
@@ -45,8 +47,14 @@ def create_app(
     clock: Callable[[], datetime] = utc_now,
     simulator: FastAPI | None = None,
     run_reconciler: bool = True,
+    metrics_host: str = "127.0.0.1",
+    metrics_port_shared: bool = False,
 ) -> FastAPI:
-    """Build the service. ``simulator``, if given, is mounted at ``/simulator`` (``--simulate``)."""
+    """Build the service. ``simulator``, if given, is mounted at ``/simulator`` (``--simulate``).
+
+    With ``METRICS_PORT`` set, the lifespan serves ``/metrics`` on ``metrics_host:METRICS_PORT``;
+    ``metrics_port_shared`` says several workers try to, and the first to bind it serves it.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,6 +72,15 @@ def create_app(
             stack.push_async_callback(ctx.aclose)
             await asyncio.to_thread(ctx.storage.ensure_dirs)
             app.state.ctx = ctx
+            if settings.METRICS_PORT is not None:
+                listener = await serve_metrics_port(
+                    ctx.metrics,
+                    host=metrics_host,
+                    port=settings.METRICS_PORT,
+                    shared=metrics_port_shared,
+                )
+                if listener is not None:
+                    stack.push_async_callback(listener.cleanup)
             if ctx.api_keys.open:
                 log.warning(
                     "service.open_api: API_KEYS is not set, so anyone who can reach /v1/* can "
@@ -117,4 +134,8 @@ def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` (used by ``videorelay serve --workers N``)."""
     settings = Settings()
     configure_logging(settings.LOG_LEVEL)
-    return create_app(settings)
+    # `videorelay serve --workers N` passes its --host as HOST; each worker's lifespan tries
+    # METRICS_PORT there and the first to bind it serves /metrics (README, "Operations").
+    return create_app(
+        settings, metrics_host=os.environ.get("HOST", "127.0.0.1"), metrics_port_shared=True
+    )

@@ -3,26 +3,51 @@
 Counters and histograms live in this process, in one module-level ``METRICS`` (as
 prometheus_client's own default registry does); with several uvicorn workers each worker
 counts its own, so sum them in Prometheus. The ``videos`` and oldest-in-flight gauges are read
-from the database at scrape time, so every replica reports the same global picture.
+from the database at scrape time (at most once per ``METRICS_CACHE_SECONDS``, however many
+scrapes come), so every replica reports the same global picture.
+
+``MetricsEndpoint`` is the one place that answers a scrape: the ``METRICS_TOKEN`` check and
+the cached gauges, for the public route and for the ``METRICS_PORT`` listener alike.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from aiohttp import web
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     disable_created_metrics,
+    generate_latest,
 )
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.models import Status, Video
 
-__all__ = ["METRICS", "Metrics"]
+__all__ = [
+    "METRICS",
+    "DatabaseSnapshot",
+    "Metrics",
+    "MetricsEndpoint",
+    "UNAUTHORIZED_MESSAGE",
+    "serve_metrics_port",
+]
+
+log = logging.getLogger(__name__)
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series only add noise
 
@@ -102,12 +127,10 @@ class Metrics:
             registry=registry,
         )
 
-    async def refresh_from_database(self, session: AsyncSession, now: datetime) -> None:
+    async def read_database(self, session: AsyncSession) -> DatabaseSnapshot:
         counts = dict(
             (await session.execute(select(Video.status, func.count()).group_by(Video.status))).all()
         )
-        for status in Status:
-            self.videos.labels(status.value).set(counts.get(status.value, 0))
         oldest = (
             await session.execute(
                 select(func.min(Video.created_at)).where(
@@ -117,7 +140,133 @@ class Metrics:
         ).scalar_one_or_none()
         if oldest is not None and oldest.tzinfo is None:
             oldest = oldest.replace(tzinfo=UTC)
-        self.oldest_in_flight.set((now - oldest).total_seconds() if oldest else 0)
+        return DatabaseSnapshot(counts={str(k): int(v) for k, v in counts.items()}, oldest=oldest)
+
+    def set_database_gauges(self, snapshot: DatabaseSnapshot, now: datetime) -> None:
+        for status in Status:
+            self.videos.labels(status.value).set(snapshot.counts.get(status.value, 0))
+        oldest = snapshot.oldest
+        self.oldest_in_flight.set(max(0.0, (now - oldest).total_seconds()) if oldest else 0)
+
+
+@dataclass(frozen=True)
+class DatabaseSnapshot:
+    """What the database gauges show: videos per status, and when the oldest unfinished began."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    oldest: datetime | None = None
+
+
+class MetricsEndpoint:
+    """Answers a scrape: checks ``METRICS_TOKEN`` and serves the registry.
+
+    The database gauges come from a snapshot at most ``cache_seconds`` old; concurrent scrapes
+    of a stale snapshot wait for one read of it, so a scrape storm costs one pair of aggregate
+    queries per ``cache_seconds``. The oldest-in-flight age is computed at each scrape from the
+    snapshot's timestamp, so it keeps growing between reads.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        clock: Callable[[], datetime],
+        *,
+        token: str | None,
+        cache_seconds: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.metrics = metrics
+        self._sessionmaker = sessionmaker
+        self._clock = clock
+        self._token = token.encode() if token else None
+        self._cache_seconds = cache_seconds
+        self._monotonic = monotonic
+        self._snapshot = DatabaseSnapshot()
+        self._read_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    def authorized(self, authorization: str | None) -> bool:
+        """True when no token is set, or ``authorization`` is ``Bearer <token>`` (constant time)."""
+        if self._token is None:
+            return True
+        scheme, _, given = (authorization or "").partition(" ")
+        # compare_digest on the bytes of both, so the time doesn't depend on where they differ.
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), self._token
+        )
+
+    def _fresh(self) -> bool:
+        return self._read_at is not None and self._monotonic() - self._read_at < self._cache_seconds
+
+    async def render(self) -> bytes:
+        if not self._fresh():
+            async with self._lock:
+                if not self._fresh():  # another scrape may have read it while this one waited
+                    try:
+                        async with self._sessionmaker() as session:
+                            self._snapshot = await self.metrics.read_database(session)
+                    except SQLAlchemyError:
+                        pass  # counters are still worth serving; the gauges keep their last value
+                    # A failed read waits its turn too: a storm must not hammer a sick database.
+                    self._read_at = self._monotonic()
+        self.metrics.set_database_gauges(self._snapshot, self._clock())
+        return generate_latest(self.metrics.registry)
+
+
+UNAUTHORIZED_MESSAGE = (
+    "missing or invalid metrics token: send `Authorization: Bearer <METRICS_TOKEN>`"
+)
+
+
+def _json_error(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+async def serve_metrics_port(
+    endpoint: MetricsEndpoint, *, host: str, port: int, shared: bool
+) -> web.AppRunner | None:
+    """Serve ``GET /metrics`` on ``host:port``, beside the public listener (``METRICS_PORT``).
+
+    A small aiohttp server on the service's own event loop, so it reads the same counters and
+    the same cached gauges. With ``shared`` (several uvicorn workers start this), the first
+    worker to bind the port serves it and the others, finding it taken, go without: returns
+    None for them. Otherwise a port that can't be bound stops the start.
+    """
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.path != "/metrics" or request.method not in ("GET", "HEAD"):
+            return web.Response(
+                body=_json_error("not_found", "this port serves only GET /metrics"),
+                status=404,
+                content_type="application/json",
+            )
+        if not endpoint.authorized(request.headers.get("Authorization")):
+            return web.Response(
+                body=_json_error("unauthorized", UNAUTHORIZED_MESSAGE),
+                status=401,
+                content_type="application/json",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return web.Response(
+            body=await endpoint.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        if shared and exc.errno == errno.EADDRINUSE:
+            log.info("metrics.port_served_by_another_worker port=%d", port)
+            return None
+        log.error("metrics.port_unavailable host=%s port=%d error=%s", host, port, exc.strerror)
+        raise
+    log.info("metrics.listening host=%s port=%d", host, port)
+    return runner
 
 
 METRICS = Metrics()

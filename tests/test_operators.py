@@ -32,7 +32,8 @@ class TestMetrics:
     async def test_counters_and_database_gauges_after_a_run(
         self, services: ServiceFactory, sim: Sim
     ):
-        service = await services.start(RECONCILE_AFTER_SECONDS=0.3)
+        # No gauge cache here: this test reads the gauges right after the run.
+        service = await services.start(RECONCILE_AFTER_SECONDS=0.3, METRICS_CACHE_SECONDS=0)
         before = (await service.client.get("/metrics")).text
         video = await service.submit()
         await service.wait_for(video["id"], "ready")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.deps import ContextDep
-from app.metrics import METRICS
+from app.errors import AppError, NotFound
+from app.metrics import UNAUTHORIZED_MESSAGE
+from app.schemas import ErrorOut
 
 __all__ = ["router"]
 
@@ -52,18 +56,37 @@ async def readyz(ctx: ContextDep) -> JSONResponse:
     description=(
         "Counters of this process (submits, upstream requests, callbacks, recovered callbacks, "
         "downloads, notifications) and gauges read from the database (videos by status, "
-        "oldest in-flight video). Expose it on the internal network only."
+        "oldest in-flight video), read at most once per `METRICS_CACHE_SECONDS`. With "
+        "`METRICS_TOKEN` set it needs `Authorization: Bearer <METRICS_TOKEN>` (`401` "
+        "otherwise). With `METRICS_PORT` set it is served on that port only, and this one "
+        "answers `404`."
     ),
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}},
+        401: {"model": ErrorOut, "description": "METRICS_TOKEN is set: token missing or wrong."},
+        404: {"model": ErrorOut, "description": "METRICS_PORT is set: /metrics is served there."},
+    },
 )
-async def metrics(ctx: ContextDep) -> Response:
-    try:
-        async with ctx.sessionmaker() as session:
-            await METRICS.refresh_from_database(session, ctx.clock())
-    except SQLAlchemyError:
-        pass  # counters are still worth serving; the gauges keep their last value
-    return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(
+    ctx: ContextDep,
+    authorization: Annotated[
+        str | None, Header(description="`Bearer <METRICS_TOKEN>` when one is set.")
+    ] = None,
+) -> Response:
+    if ctx.settings.METRICS_PORT is not None:
+        raise NotFound(
+            "/metrics is served on the metrics port (METRICS_PORT), not on this one",
+            code="not_found",
+        )
+    if not ctx.metrics.authorized(authorization):
+        raise AppError(
+            UNAUTHORIZED_MESSAGE,
+            code="unauthorized",
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return Response(await ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _not_ready(code: str, message: str) -> JSONResponse:

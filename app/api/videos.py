@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import images, lifecycle, repository
 from app.api.deps import CallerDep, ContextDep, SessionDep
+from app.api.responses import ClipResponse, EventStreamResponse
 from app.context import AppContext
 from app.errors import AppError, Conflict, NotFound, UpstreamRejected
 from app.jobs.notifier import notify_url_problem
@@ -258,7 +259,10 @@ async def read_video(
         "`Location` of a short-lived presigned URL (`S3_PRESIGN_SECONDS`) on the bucket, "
         "which serves the same bytes with Range support. Browsers and HTTP clients follow it; "
         "they drop the `Authorization` header on the way, as the bucket wants. Request this "
-        "URL again for a fresh link rather than keeping the presigned one."
+        "URL again for a fresh link rather than keeping the presigned one.\n\n"
+        "A malformed `Range` is a `400 bad_range`; one that starts beyond the end of the clip "
+        "is a `416 range_not_satisfiable` with `Content-Range: bytes */<size>`. Both, like "
+        "every error, in the JSON error shape."
     ),
     responses={
         200: {"content": {"video/mp4": {}}},
@@ -272,9 +276,20 @@ async def read_video(
                 }
             },
         },
+        400: {"model": ErrorOut, "description": "Malformed `Range` header (`bad_range`)."},
         401: ERRORS[401],
         404: ERRORS[404],
         409: {"model": ErrorOut, "description": "The video is not ready yet."},
+        416: {
+            "model": ErrorOut,
+            "description": "`Range` starts beyond the end (`range_not_satisfiable`).",
+            "headers": {
+                "Content-Range": {
+                    "description": "`bytes */<size of the clip>`",
+                    "schema": {"type": "string"},
+                }
+            },
+        },
     },
 )
 async def video_content(
@@ -301,7 +316,7 @@ async def video_content(
             code="content_missing",
             status_code=500,
         )
-    return FileResponse(
+    return ClipResponse(
         path,
         media_type="video/mp4",
         filename=f"{video_id}.mp4",
@@ -320,14 +335,21 @@ HEARTBEAT_SECONDS = 15.0
     description=(
         "A `text/event-stream` of the video's status changes. Each event has `id` "
         "(`<n>-<status>`), `event` (`status` while running, then `ready` or `failed`) and "
-        "`data` (the video JSON). The stream ends after the final event. A comment line is "
-        "sent every 15 s as a heartbeat. Reconnect with `Last-Event-ID` to get only what "
-        "changed since. Events come from the database, so any replica can serve them."
+        "`data` (the video JSON). The stream ends after the final event, or after "
+        "`EVENTS_MAX_STREAM_SECONDS` (reconnect then). A comment line is sent every 15 s as a "
+        "heartbeat. Reconnect with `Last-Event-ID` to get only what changed since. Events come "
+        "from the database, so any replica can serve them. Each API key may hold "
+        "`EVENTS_MAX_STREAMS` open streams per server process; one more is a `429`."
     ),
     responses={
         200: {"content": {"text/event-stream": {}}},
         401: ERRORS[401],
         404: ERRORS[404],
+        429: {
+            "model": ErrorOut,
+            "description": "This key has `EVENTS_MAX_STREAMS` streams open (`too_many_streams`); "
+            "see `Retry-After`.",
+        },
     },
 )
 async def video_events(
@@ -340,13 +362,18 @@ async def video_events(
 ) -> StreamingResponse:
     await _video_or_404(session, video_id, caller)
     await session.close()  # the stream opens short sessions of its own
+    settings = ctx.settings
 
-    async def stream() -> AsyncIterator[str]:
+    async def stream() -> AsyncGenerator[str, None]:
         last = last_event_id
         loop = asyncio.get_running_loop()
         next_heartbeat = loop.time() + HEARTBEAT_SECONDS
+        end = loop.time() + settings.EVENTS_MAX_STREAM_SECONDS
         yield "retry: 2000\n\n"
         while not ctx.stop.is_set() and not await request.is_disconnected():
+            if loop.time() >= end:
+                yield ": stream lifetime reached; reconnect with Last-Event-ID\n\n"
+                return
             async with ctx.sessionmaker() as events_session:
                 video = await lifecycle.get(events_session, video_id)
                 if video is None:
@@ -369,10 +396,13 @@ async def video_events(
                 yield ": heartbeat\n\n"
                 next_heartbeat = loop.time() + HEARTBEAT_SECONDS
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ctx.stop.wait(), ctx.settings.EVENTS_POLL_SECONDS)
+                wait = min(settings.EVENTS_POLL_SECONDS, max(0.0, end - loop.time()))
+                await asyncio.wait_for(ctx.stop.wait(), wait)
 
-    return StreamingResponse(
+    return EventStreamResponse(
         stream(),
-        media_type="text/event-stream",
+        slots=ctx.event_streams,
+        caller=caller,
+        limit=settings.EVENTS_MAX_STREAMS,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

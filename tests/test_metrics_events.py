@@ -1,0 +1,380 @@
+"""/metrics behind a token or on its own port, its cached gauges, capped event streams, and
+Range errors in the JSON error shape. Real servers, real `videorelay serve` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import event
+
+from tests.conftest import HIAPI_KEY, WEBHOOK_SECRET, Service, ServiceFactory, Sim, free_socket
+
+METRICS_TOKEN = "metrics-token-0123456789abcdef"
+ALICE, BOB = "key-alice-0123456789abcdef", "key-bob-0123456789abcdef01"
+
+
+def free_port() -> int:
+    sock = free_socket()
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+class Serve:
+    """A real `videorelay serve` process, its output in a file."""
+
+    def __init__(self, env: dict[str, str], port: int, log: Path, *args: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "serve", "--port", str(port), *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def wait_up(self, *urls: str) -> None:
+        async with httpx.AsyncClient() as client:
+            for url in (f"{self.url}/healthz", *urls):
+                for _ in range(400):
+                    try:
+                        await client.get(url)
+                        break
+                    except httpx.TransportError:
+                        if self.proc.poll() is not None:
+                            raise AssertionError(self.log.read_text()) from None
+                        await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError(f"{url} never answered: {self.log.read_text()}")
+
+    async def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            for _ in range(300):
+                if self.proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                self.proc.kill()
+                self.proc.wait()
+        return self.log.read_text()
+
+
+@pytest.fixture
+def serve_env(database_url: str, tmp_path: Path, sim: Sim) -> dict[str, Any]:
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("METRICS_", "EVENTS_"))},
+        "DATABASE_URL": database_url,
+        "STORAGE_DIR": str(tmp_path / "videos"),
+        "HIAPI_KEY": HIAPI_KEY,
+        "HIAPI_BASE_URL": sim.url,
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "DOWNLOAD_ALLOWED_HOSTS": sim.url,
+        "SHUTDOWN_GRACE_SECONDS": "1",
+    }
+    return {"env": env, "port": port, "log": tmp_path / "serve.log"}
+
+
+@asynccontextmanager
+async def serving(
+    serve_env: dict[str, Any], *args: str, also_wait: tuple[str, ...] = (), **env: str
+) -> AsyncIterator[Serve]:
+    proc = Serve({**serve_env["env"], **env}, serve_env["port"], serve_env["log"], *args)
+    try:
+        await proc.wait_up(*also_wait)
+        yield proc
+    finally:
+        await proc.stop()
+
+
+def assert_json_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    error: dict[str, Any] = response.json()["error"]
+    assert error["code"] == code and error["message"], error
+    return error
+
+
+# --- /metrics --------------------------------------------------------------------------------
+
+
+class TestMetricsThroughServe:
+    async def test_metrics_token_is_required_when_set(self, serve_env: dict[str, Any]):
+        async with (
+            serving(serve_env, METRICS_TOKEN=METRICS_TOKEN) as proc,
+            httpx.AsyncClient(base_url=proc.url) as client,
+        ):
+            bare = await client.get("/metrics")
+            assert_json_error(bare, 401, "unauthorized")
+            assert bare.headers["www-authenticate"] == "Bearer"
+            assert "METRICS_TOKEN" in bare.json()["error"]["message"]
+            wrong = await client.get("/metrics", headers={"Authorization": "Bearer nope"})
+            assert_json_error(wrong, 401, "unauthorized")
+            basic = await client.get("/metrics", headers={"Authorization": METRICS_TOKEN})
+            assert_json_error(basic, 401, "unauthorized")
+            good = await client.get(
+                "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
+            )
+            assert good.status_code == 200
+            assert good.headers["content-type"].startswith("text/plain")
+            assert 'videorelay_videos{status="ready"}' in good.text
+            # The token guards /metrics only; the API answers as before.
+            assert (await client.get("/healthz")).status_code == 200
+        assert METRICS_TOKEN not in await proc.stop()
+
+    async def test_metrics_port_serves_metrics_and_the_public_port_does_not(
+        self, serve_env: dict[str, Any]
+    ):
+        port = free_port()
+        metrics_url = f"http://127.0.0.1:{port}"
+        async with (
+            serving(
+                serve_env, also_wait=(f"{metrics_url}/metrics",), METRICS_PORT=str(port)
+            ) as proc,
+            httpx.AsyncClient() as client,
+        ):
+            public = await client.get(f"{proc.url}/metrics")
+            error = assert_json_error(public, 404, "not_found")
+            assert "METRICS_PORT" in error["message"]
+            scraped = await client.get(f"{metrics_url}/metrics")
+            assert scraped.status_code == 200
+            assert scraped.headers["content-type"].startswith("text/plain")
+            assert 'videorelay_videos{status="queued"}' in scraped.text
+            assert "videorelay_oldest_in_flight_seconds" in scraped.text
+            # The metrics port is not a second door into the API.
+            assert_json_error(await client.get(f"{metrics_url}/v1/videos"), 404, "not_found")
+            assert (await client.get(f"{proc.url}/healthz")).status_code == 200
+
+    async def test_metrics_port_and_token_with_workers_served_by_one_of_them(
+        self, serve_env: dict[str, Any], database_url: str
+    ):
+        if not database_url.startswith("sqlite"):
+            pytest.skip("the worker split does not depend on the database")
+        port = free_port()
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
+        async with (
+            serving(
+                serve_env,
+                "--workers",
+                "2",
+                also_wait=(metrics_url,),
+                METRICS_PORT=str(port),
+                METRICS_TOKEN=METRICS_TOKEN,
+            ) as proc,
+            httpx.AsyncClient() as client,
+        ):
+            # The token guards the metrics port too.
+            bare = await client.get(metrics_url)
+            assert_json_error(bare, 401, "unauthorized")
+            assert bare.headers["www-authenticate"] == "Bearer"
+            good = await client.get(
+                metrics_url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
+            )
+            assert good.status_code == 200 and "videorelay_videos" in good.text
+            assert_json_error(await client.get(f"{proc.url}/metrics"), 404, "not_found")
+            # Both workers started: one serves the port, the other found it taken and went on.
+            for _ in range(200):
+                log = proc.log.read_text()
+                if "metrics.port_served_by_another_worker" in log:
+                    break
+                await asyncio.sleep(0.05)
+        log = await proc.stop()
+        assert log.count("metrics.listening") == 1, log
+        assert log.count("metrics.port_served_by_another_worker") == 1, log
+        assert "Traceback" not in log, log
+
+    def test_metrics_port_equal_to_the_api_port_is_refused(self, tmp_path: Path):
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("HIAPI_", "WEBHOOK_", "DATABASE_", "METRICS_"))
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "app.cli", "serve", "--simulate", "--port", "8765"],
+            env={**env, "METRICS_PORT": "8765"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "METRICS_PORT" in result.stderr and "8765" in result.stderr
+
+
+class TestMetricsCache:
+    async def test_scrapes_within_the_window_share_one_read(self, services: ServiceFactory):
+        service = await services.start(METRICS_CACHE_SECONDS=1.5)
+        reads: list[str] = []
+
+        def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if "GROUP BY videos.status" in statement:
+                reads.append(statement)
+
+        event.listen(service.ctx.engine.sync_engine, "before_cursor_execute", count)
+        try:
+            first = await service.client.get("/metrics")
+            assert first.status_code == 200
+            assert len(reads) == 1
+            await service.submit()  # the snapshot is now stale by one video, on purpose
+            second = await service.client.get("/metrics")
+            storm = await asyncio.gather(*(service.client.get("/metrics") for _ in range(20)))
+            assert second.status_code == 200 and all(r.status_code == 200 for r in storm)
+            assert len(reads) == 1, f"{len(reads)} reads for 22 scrapes in the window"
+            assert 'videorelay_videos{status="processing"} 0.0' in second.text
+            await asyncio.sleep(1.6)
+            later = await asyncio.gather(*(service.client.get("/metrics") for _ in range(10)))
+            assert len(reads) == 2, f"{len(reads)} reads; the window passed once"
+            total = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in later[0].text.splitlines()
+                if line.startswith("videorelay_videos{")
+            )
+            assert total == 1.0
+        finally:
+            event.remove(service.ctx.engine.sync_engine, "before_cursor_execute", count)
+
+
+# --- Server-Sent Events ----------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def open_stream(
+    client: httpx.AsyncClient, video_id: str, key: str
+) -> AsyncIterator[httpx.Response]:
+    """An event stream, open once its first line has arrived (the server holds its slot)."""
+    async with client.stream(
+        "GET", f"/v1/videos/{video_id}/events", headers={"Authorization": f"Bearer {key}"}
+    ) as response:
+        if response.status_code == 200:
+            lines = response.aiter_lines()
+            assert (await anext(lines)).startswith("retry:")
+        yield response
+
+
+async def submit(service: Service, key: str) -> str:
+    response = await service.client.post(
+        "/v1/videos",
+        json={"image_url": "https://example.invalid/a.jpg", "duration": 3},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert response.status_code == 202, response.text
+    video_id: str = response.json()["id"]
+    return video_id
+
+
+async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+class TestEventStreamLimits:
+    async def test_one_stream_over_the_limit_is_429_and_a_closed_one_frees_its_slot(
+        self, services: ServiceFactory, sim: Sim
+    ):
+        sim.set(latency_seconds=60)  # the videos stay processing: the streams stay open
+        service = await services.start(
+            API_KEYS=f"alice:{ALICE},bob:{BOB}", EVENTS_MAX_STREAMS=2, EVENTS_POLL_SECONDS=0.05
+        )
+        slots = service.ctx.event_streams
+        alice_video, bob_video = await submit(service, ALICE), await submit(service, BOB)
+        async with httpx.AsyncClient(base_url=service.server.url, timeout=10) as client:
+            async with open_stream(client, alice_video, ALICE) as one:
+                assert one.status_code == 200
+                async with open_stream(client, alice_video, ALICE) as two:
+                    assert two.status_code == 200
+                    assert slots.open_count("alice") == 2
+                    async with open_stream(client, alice_video, ALICE) as three:
+                        await three.aread()
+                        error = assert_json_error(three, 429, "too_many_streams")
+                        assert three.headers["retry-after"] == "5"
+                        assert "EVENTS_MAX_STREAMS" in error["message"]
+                    # Another key has slots of its own.
+                    async with open_stream(client, bob_video, BOB) as bobs:
+                        assert bobs.status_code == 200
+                # The client went away: the server notices and gives the slot back.
+                await wait_until(lambda: slots.open_count("alice") == 1)
+                async with open_stream(client, alice_video, ALICE) as again:
+                    assert again.status_code == 200
+                    assert slots.open_count("alice") == 2
+        await wait_until(lambda: slots.open_count("alice") == slots.open_count("bob") == 0)
+
+    async def test_streams_that_end_give_their_slot_back(self, services: ServiceFactory):
+        service = await services.start(EVENTS_MAX_STREAMS=1, EVENTS_POLL_SECONDS=0.05)
+        video = await service.submit()
+        await service.wait_for(video["id"], "ready")
+        for _ in range(3):  # each ends after the final event; the next one gets the slot
+            response = await service.client.get(f"/v1/videos/{video['id']}/events")
+            assert response.status_code == 200 and "event: ready" in response.text
+        assert service.ctx.event_streams.open_count("") == 0
+
+    async def test_a_stream_ends_after_its_lifetime_and_resumes(
+        self, services: ServiceFactory, sim: Sim
+    ):
+        sim.set(latency_seconds=60)
+        service = await services.start(
+            EVENTS_MAX_STREAMS=1, EVENTS_MAX_STREAM_SECONDS=0.5, EVENTS_POLL_SECONDS=0.05
+        )
+        video = await service.submit()
+        started = time.monotonic()
+        first = await service.client.get(f"/v1/videos/{video['id']}/events")
+        took = time.monotonic() - started
+        assert first.status_code == 200
+        assert 0.4 < took < 3, took
+        assert "id: 2-processing" in first.text
+        assert first.text.rstrip().endswith("reconnect with Last-Event-ID")
+        # Reconnecting with the last id: nothing repeated, and the slot was free again.
+        again = await service.client.get(
+            f"/v1/videos/{video['id']}/events", headers={"Last-Event-ID": "2-processing"}
+        )
+        assert again.status_code == 200 and "event:" not in again.text
+        assert service.ctx.event_streams.open_count("") == 0
+
+
+# --- Range errors ----------------------------------------------------------------------------
+
+
+class TestRangeErrors:
+    async def test_range_errors_use_the_json_shape_and_ranges_still_work(self, service: Service):
+        video = await service.submit()
+        done = await service.wait_for(video["id"], "ready")
+        size = done["size_bytes"]
+        url = f"/v1/videos/{video['id']}/content"
+
+        beyond = await service.client.get(url, headers={"Range": f"bytes={size + 10}-"})
+        error = assert_json_error(beyond, 416, "range_not_satisfiable")
+        assert beyond.headers["content-range"] == f"bytes */{size}"
+        assert str(size) in error["message"]
+
+        for bad in ("bytes=9-2", "items=0-1", "bytes=abc", "bytes"):
+            response = await service.client.get(url, headers={"Range": bad})
+            error = assert_json_error(response, 400, "bad_range")
+            assert "bytes=START-END" in error["message"], error
+            assert response.headers["x-content-type-options"] == "nosniff"
+
+        whole = await service.client.get(url)
+        assert whole.status_code == 200
+        assert hashlib.sha256(whole.content).hexdigest() == done["sha256"]
+        part = await service.client.get(url, headers={"Range": "bytes=100-199"})
+        assert part.status_code == 206 and part.content == whole.content[100:200]
+        assert part.headers["content-range"] == f"bytes 100-199/{size}"
+        tail = await service.client.get(url, headers={"Range": "bytes=-10"})
+        assert tail.status_code == 206 and tail.content == whole.content[-10:]
+        multi = await service.client.get(url, headers={"Range": "bytes=0-9,20-29"})
+        assert multi.status_code == 206
+        assert multi.headers["content-type"].startswith("multipart/byteranges")
