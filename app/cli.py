@@ -163,6 +163,12 @@ def _serve(args: argparse.Namespace) -> int:
             f"METRICS_PORT is {args.port}, the port the API listens on; give /metrics another "
             "port (one only your Prometheus can reach), or unset METRICS_PORT"
         )
+    if settings.METRICS_PORT is not None:
+        from app.metrics import metrics_port_problem
+
+        problem = metrics_port_problem(args.host, settings.METRICS_PORT)
+        if problem:
+            raise ConfigError(f"{problem}: choose a free port, or unset METRICS_PORT")
     if args.simulate:
         return _serve_simulated(args, settings)
     settings.require_production_secrets()

@@ -17,6 +17,7 @@ import errno
 import hmac
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ __all__ = [
     "Metrics",
     "MetricsEndpoint",
     "UNAUTHORIZED_MESSAGE",
+    "metrics_port_problem",
     "serve_metrics_port",
 ]
 
@@ -221,6 +223,19 @@ UNAUTHORIZED_MESSAGE = (
 
 def _json_error(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+def metrics_port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` can't be bound now (checked at ``serve`` start), or None if it can."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return f"METRICS_PORT {port} cannot be bound on {host} ({exc.strerror or exc})"
+    return None
 
 
 async def serve_metrics_port(

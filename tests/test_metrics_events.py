@@ -197,22 +197,34 @@ class TestMetricsThroughServe:
         assert log.count("metrics.port_served_by_another_worker") == 1, log
         assert "Traceback" not in log, log
 
-    def test_metrics_port_equal_to_the_api_port_is_refused(self, tmp_path: Path):
+    def test_a_metrics_port_that_cannot_be_bound_is_refused_in_one_line(self, tmp_path: Path):
         env = {
             k: v
             for k, v in os.environ.items()
             if not k.startswith(("HIAPI_", "WEBHOOK_", "DATABASE_", "METRICS_"))
         }
-        result = subprocess.run(
-            [sys.executable, "-m", "app.cli", "serve", "--simulate", "--port", "8765"],
-            env={**env, "METRICS_PORT": "8765"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-        )
-        assert result.returncode == 2, result.stdout + result.stderr
-        assert "METRICS_PORT" in result.stderr and "8765" in result.stderr
+
+        def serve(metrics_port: int, port: int) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "app.cli", "serve", "--simulate", "--port", str(port)],
+                env={**env, "METRICS_PORT": str(metrics_port)},
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=tmp_path,
+            )
+
+        port = free_port()
+        same = serve(port, port)
+        assert same.returncode == 2, same.stdout + same.stderr
+        assert "METRICS_PORT" in same.stderr and str(port) in same.stderr
+        taken = free_socket()  # another program holds this one
+        taken.listen()
+        with taken:
+            busy = serve(taken.getsockname()[1], free_port())
+        assert busy.returncode == 2, busy.stdout + busy.stderr
+        assert "METRICS_PORT" in busy.stderr and "cannot be bound" in busy.stderr
+        assert "Traceback" not in busy.stdout + busy.stderr
 
 
 class TestMetricsCache:
