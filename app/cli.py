@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from app import admin
 from app.auth import ApiKeys, ApiKeysError
 from app.config import ConfigError, Settings
 from app.logging import configure_logging
+from app.migrate import DatabaseNotReady, DatabaseUnreachable, require_migrated
 
 __all__ = ["main"]
 
@@ -36,7 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed the hiapi simulator at /simulator and point the service at it (no key needed)",
     )
     serve.add_argument(
-        "--migrate", action="store_true", help="apply database migrations before starting"
+        "--migrate",
+        action="store_true",
+        help="apply database migrations before starting (without it, an unmigrated database "
+        "is refused)",
+    )
+    serve.add_argument(
+        "--fetch-images",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="with --simulate: let the simulator download remote image URLs (default: it "
+        "renders a generated frame and reaches no host outside this process)",
     )
 
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
@@ -55,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duplicate-rate", type=float, default=0.0, help="share sent 2-3 times")
     sim.add_argument("--url-ttl", type=float, default=3600.0, help="seconds an output URL lives")
     sim.add_argument("--pad-bytes", type=int, default=0, help="grow each MP4 by this many bytes")
-    sim.add_argument("--no-fetch-images", action="store_true", help="always render a test frame")
+    sim.add_argument(
+        "--fetch-images",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="download each task's image URL and render from it (default: a generated frame, "
+        "no outbound request)",
+    )
     sim.add_argument("--seed", type=int, default=None)
 
     chaos = sub.add_parser(
@@ -126,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return _migrate(Settings())
         if args.command == "admin":
-            return admin.run(args, Settings())
+            settings = Settings()
+            require_migrated(settings.DATABASE_URL, timeout=settings.DATABASE_TIMEOUT_SECONDS)
+            return admin.run(args, settings)
         if args.command == "chaos":
             return _chaos(args)
         if args.command == "bench":
@@ -142,12 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ApiKeysError) as exc:
         print(f"videorelay: configuration error: {exc}", file=sys.stderr)
         return 2
+    except DatabaseNotReady as exc:
+        print(f"videorelay: {exc}", file=sys.stderr)
+        return 2
 
 
 def _migrate(settings: Settings) -> int:
     from app.migrate import upgrade
 
-    configure_logging(settings.LOG_LEVEL)
+    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     upgrade(settings.DATABASE_URL)
     return 0
 
@@ -156,7 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     settings = Settings()
-    configure_logging(settings.LOG_LEVEL)
+    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     ApiKeys.load(settings.API_KEYS.get_secret_value(), settings.API_KEYS_FILE)  # fail early
     if settings.METRICS_PORT is not None and settings.METRICS_PORT == args.port:
         raise ConfigError(
@@ -171,9 +194,17 @@ def _serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"{problem}: choose a free port, or unset METRICS_PORT")
     if args.simulate:
         return _serve_simulated(args, settings)
+    if args.fetch_images:
+        raise ConfigError("--fetch-images goes with --simulate (it is a simulator setting)")
     settings.require_production_secrets()
+    settings.require_reachable_callbacks()
     if args.migrate:
         _migrate(settings)
+    else:
+        try:
+            require_migrated(settings.DATABASE_URL, timeout=settings.DATABASE_TIMEOUT_SECONDS)
+        except DatabaseUnreachable as exc:  # it may come up later: /readyz says 503 until then
+            logging.getLogger("app.cli").warning("service.database_unreachable %s", exc)
     if not settings.WEBHOOK_SECRET:
         raise ConfigError("WEBHOOK_SECRET is required")
     if args.workers > 1:
@@ -216,9 +247,19 @@ def _serve_simulated(args: argparse.Namespace, settings: Settings) -> int:
     _migrate(settings)
     simulator = create_simulator_app(
         SimulatorConfig(
-            public_base_url=f"{local}/simulator", latency_seconds=2.0, allow_http_image_urls=True
+            public_base_url=f"{local}/simulator",
+            latency_seconds=2.0,
+            allow_http_image_urls=True,
+            fetch_images=args.fetch_images,
+            # Images uploaded to this service (the playground) are read back from it.
+            local_image_prefix=f"{local}/",
         )
     )
+    if not args.fetch_images:
+        print(
+            "videorelay: the simulator renders a generated frame for image URLs on other hosts "
+            "(nothing is fetched from them); --fetch-images downloads them"
+        )
     print(
         f"\nvideorelay is running with the hiapi simulator at {local}\n"
         f"  API docs:  {local}/docs\n"
@@ -241,7 +282,7 @@ def _serve_simulated(args: argparse.Namespace, settings: Settings) -> int:
 def _simulator(args: argparse.Namespace) -> int:
     from app.simulator import SimulatorConfig, create_simulator_app
 
-    configure_logging("INFO")
+    configure_logging("INFO", _log_format())
     config = SimulatorConfig(
         api_key=args.api_key,
         public_base_url=args.public_base_url or f"http://{args.host}:{args.port}",
@@ -253,12 +294,20 @@ def _simulator(args: argparse.Namespace) -> int:
         duplicate_rate=args.duplicate_rate,
         url_ttl_seconds=args.url_ttl,
         pad_bytes=args.pad_bytes,
-        fetch_images=not args.no_fetch_images,
+        fetch_images=args.fetch_images,
         seed=args.seed,
     )
     print(f"hiapi simulator listening on {config.public_base_url}", flush=True)
     uvicorn.run(create_simulator_app(config), host=args.host, port=args.port, log_config=None)
     return 0
+
+
+def _log_format() -> str:
+    """LOG_FORMAT for commands that need no other setting (the standalone simulator)."""
+    value = os.environ.get("LOG_FORMAT", "text")
+    if value not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT must be text or json, not {value!r}")
+    return value
 
 
 def _chaos(args: argparse.Namespace) -> int:

@@ -6,8 +6,11 @@ The README's configuration table documents exactly these fields.
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
+import socket
 from pathlib import Path
 from typing import Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +20,7 @@ from app.storage import StorageLocation, parse_storage_url
 __all__ = ["ConfigError", "Settings"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/videorelay.db"
+_LOCAL_SUFFIXES = (".local", ".internal", ".home.arpa", ".lan")
 
 
 class ConfigError(ValueError):
@@ -107,6 +111,9 @@ class Settings(BaseSettings):
     EVENTS_MAX_STREAM_SECONDS: float = Field(
         default=3600.0, gt=0, description="An event stream ends after this; clients reconnect."
     )
+    EVENTS_HEARTBEAT_SECONDS: float = Field(
+        default=15.0, gt=0, description="An open event stream sends a comment this often."
+    )
     METRICS_TOKEN: SecretStr | None = Field(
         default=None, description="Bearer token /metrics requires; unset = open (see METRICS_PORT)."
     )
@@ -165,6 +172,91 @@ class Settings(BaseSettings):
                 + "; ".join(missing)
                 + ". Set them in the environment or .env, or run `videorelay serve --simulate`."
             )
+
+    def require_reachable_callbacks(self) -> None:
+        """hiapi on the internet must be able to post callbacks to ``PUBLIC_BASE_URL``.
+
+        Decided from the two URLs alone (no name is resolved): an upstream whose host is a
+        name or a public IP is the real hiapi (or something on the internet like it); then
+        the callback address must be https on a host that is not loopback, private, or a
+        local-only name. A local simulator as upstream (a loopback or private IP, or
+        ``localhost``) may call back to any address.
+        """
+        upstream = self._url_host(self.HIAPI_BASE_URL)
+        if upstream is not None and self._local_only_host(upstream, names=False):
+            return
+        public = self.PUBLIC_BASE_URL.strip()
+        host = self._url_host(public)
+        problems = []
+        if not public.lower().startswith("https://"):
+            problems.append("it is not https")
+        if host is None:
+            problems.append("it has no host")
+        elif self._local_only_host(host, names=True):
+            problems.append(f"its host {host} is {self._describe_local(host)}")
+        if problems:
+            raise ConfigError(
+                f"PUBLIC_BASE_URL is not an address hiapi can reach ({'; '.join(problems)}): "
+                "hiapi posts every callback there, so each one would be lost until the "
+                "reconciler polls. Set PUBLIC_BASE_URL to this service's public https address "
+                "(for example https://relay.example.com), or point HIAPI_BASE_URL at a local "
+                "simulator, or run `videorelay serve --simulate`."
+            )
+
+    @staticmethod
+    def _url_host(url: str) -> str | None:
+        """The URL's host, lower-case, without brackets or a trailing dot; None if unreadable."""
+        try:
+            host = urlsplit(url.strip()).hostname
+        except ValueError:
+            return None
+        return (host.rstrip(".") or None) if host else None
+
+    @staticmethod
+    def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The IP literal ``host`` names, unwrapping IPv4 carried in an IPv6 form."""
+        try:
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
+                host.split("%")[0]
+            )
+        except ValueError:
+            try:  # the other IPv4 spellings: 2130706433, 0177.0.0.1, 0x7f.1 (no lookup)
+                ip = ipaddress.IPv4Address(socket.inet_aton(host))
+            except OSError:
+                return None
+        if isinstance(ip, ipaddress.IPv6Address):
+            packed = ip.packed
+            if ip.ipv4_mapped is not None:
+                return ip.ipv4_mapped
+            if ip.sixtofour is not None:
+                return ip.sixtofour
+            if packed[:12] == bytes(12) and int(ip) > 1:  # IPv4-compatible ::a.b.c.d
+                return ipaddress.IPv4Address(packed[12:])
+            if packed[:12] == bytes.fromhex("0064ff9b" + "00" * 8):  # NAT64 64:ff9b::/96
+                return ipaddress.IPv4Address(packed[12:])
+        return ip
+
+    @classmethod
+    def _local_only_host(cls, host: str, *, names: bool) -> bool:
+        """True for ``localhost`` and non-public IP literals; with ``names``, also for names
+        the internet cannot resolve (no dot, ``.local``, ``.internal``, ``.home.arpa``)."""
+        if host == "localhost" or host.endswith(".localhost"):
+            return True
+        ip = cls._ip(host)
+        if ip is not None:
+            return not ip.is_global or ip.is_multicast
+        return names and ("." not in host or host.endswith(_LOCAL_SUFFIXES))
+
+    @classmethod
+    def _describe_local(cls, host: str) -> str:
+        ip = cls._ip(host)
+        if host == "localhost" or host.endswith(".localhost") or (ip and ip.is_loopback):
+            return "a loopback address"
+        if ip is None:
+            return "a name only a local network can resolve"
+        if ip.is_private:
+            return "a private address"
+        return "not a public address"
 
     @property
     def storage_location(self) -> StorageLocation:

@@ -133,7 +133,7 @@ def create_app(
 def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` (used by ``videorelay serve --workers N``)."""
     settings = Settings()
-    configure_logging(settings.LOG_LEVEL)
+    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     # `videorelay serve --workers N` passes its --host as HOST; each worker's lifespan tries
     # METRICS_PORT there and the first to bind it serves /metrics (README, "Operations").
     return create_app(

@@ -44,11 +44,15 @@ class SimulatorConfig(BaseModel):
     """Share of tasks whose callback is delivered 2 or 3 times concurrently."""
     url_ttl_seconds: float = Field(default=3600.0, ge=0)
     """Lifetime of an output URL; ``expireAt`` is ``now + ttl`` and the file 404s after it."""
-    fetch_images: bool = True
+    fetch_images: bool = False
+    """Download the input image (5 s, 20 MB cap); otherwise render a generated frame, so the
+    simulator sends no request to the hosts named in image URLs (``--fetch-images``)."""
+    local_image_prefix: str | None = None
+    """Image URLs starting with this are downloaded even with ``fetch_images`` off: ``serve
+    --simulate`` sets its own origin, so images uploaded to it are used (no outside host)."""
     # Real hiapi takes https image URLs only. `serve --simulate` turns this on so images
     # uploaded to a local, plain-http videorelay can be used.
     allow_http_image_urls: bool = False
-    """Download the input image (5 s, 20 MB cap); otherwise render a generated frame."""
     pad_bytes: int = Field(default=0, ge=0)
     """Append an MP4 ``free`` box of this many bytes (at least 8) to every served file."""
     download_bytes_per_second: float | None = Field(default=None, gt=0)

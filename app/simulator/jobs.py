@@ -1,9 +1,9 @@
 """A task's life after creation: wait out the latency, render, turn terminal, call back.
 
-``run_task`` is the background job spawned for every created task. Rendering (image fetch plus
-``render_mp4`` in a worker thread) starts right away and overlaps the configured latency, so a
-task finishes after ``max(latency, render time)``. ``POST /_sim/tasks/{id}/complete`` cuts the
-wait short through ``SimTask.finish_now``.
+``run_task`` is the background job spawned for every created task. Rendering (the image fetch,
+when the config allows it, plus ``render_mp4`` in a worker thread) starts right away and
+overlaps the configured latency, so a task finishes after ``max(latency, render time)``.
+``POST /_sim/tasks/{id}/complete`` cuts the wait short through ``SimTask.finish_now``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 
 from app.hiapi.schemas import TaskStatus
+from app.simulator.config import SimulatorConfig
 from app.simulator.delivery import deliver_callbacks, fetch_image
 from app.simulator.render import render_mp4
 from app.simulator.state import SimTask, SimulatorState
@@ -55,11 +56,17 @@ async def _wait_latency(task: SimTask, seconds: float) -> None:
 
 async def _produce_clip(state: SimulatorState, task: SimTask) -> bytes:
     image = None
-    if state.config.fetch_images:
+    if _fetches(state.config, task.image_url):
         image = await fetch_image(state.http_client(), task.image_url)
     return await asyncio.to_thread(
         render_mp4, image, resolution=task.resolution, duration=task.duration
     )
+
+
+def _fetches(config: SimulatorConfig, url: str) -> bool:
+    """Remote images only when asked; the service's own uploads whenever a prefix is set."""
+    prefix = config.local_image_prefix
+    return config.fetch_images or (prefix is not None and url.startswith(prefix))
 
 
 async def _succeed(state: SimulatorState, task: SimTask, clip_job: asyncio.Future[bytes]) -> None:
