@@ -357,6 +357,18 @@ class TestEventStreamLimits:
         assert again.status_code == 200 and "event:" not in again.text
         assert service.ctx.event_streams.open_count("") == 0
 
+    async def test_an_idle_stream_sends_heartbeats(self, services: ServiceFactory, sim: Sim):
+        sim.set(latency_seconds=60)
+        service = await services.start(
+            EVENTS_HEARTBEAT_SECONDS=0.2, EVENTS_MAX_STREAM_SECONDS=1.1, EVENTS_POLL_SECONDS=0.05
+        )
+        video = await service.submit()
+        stream = await service.client.get(f"/v1/videos/{video['id']}/events")
+        assert stream.status_code == 200
+        # One status event, then only heartbeats while nothing changes, until the lifetime.
+        assert stream.text.count("event: status") == 1
+        assert 3 <= stream.text.count(": heartbeat\n\n") <= 6, stream.text
+
 
 # --- Range errors ----------------------------------------------------------------------------
 

@@ -325,7 +325,6 @@ async def video_content(
 
 
 STATUS_ORDER = {"queued": 1, "processing": 2, "downloading": 3, "ready": 4, "failed": 4}
-HEARTBEAT_SECONDS = 15.0
 
 
 @router.get(
@@ -336,9 +335,10 @@ HEARTBEAT_SECONDS = 15.0
         "A `text/event-stream` of the video's status changes. Each event has `id` "
         "(`<n>-<status>`), `event` (`status` while running, then `ready` or `failed`) and "
         "`data` (the video JSON). The stream ends after the final event, or after "
-        "`EVENTS_MAX_STREAM_SECONDS` (reconnect then). A comment line is sent every 15 s as a "
-        "heartbeat. Reconnect with `Last-Event-ID` to get only what changed since. Events come "
-        "from the database, so any replica can serve them. Each API key may hold "
+        "`EVENTS_MAX_STREAM_SECONDS` (reconnect then). A comment line is sent every "
+        "`EVENTS_HEARTBEAT_SECONDS` (15 s) as a heartbeat. Reconnect with `Last-Event-ID` "
+        "to get only what changed since. Events come from the database, so any replica can "
+        "serve them. Each API key may hold "
         "`EVENTS_MAX_STREAMS` open streams per server process; one more is a `429`."
     ),
     responses={
@@ -367,7 +367,7 @@ async def video_events(
     async def stream() -> AsyncGenerator[str, None]:
         last = last_event_id
         loop = asyncio.get_running_loop()
-        next_heartbeat = loop.time() + HEARTBEAT_SECONDS
+        next_heartbeat = loop.time() + settings.EVENTS_HEARTBEAT_SECONDS
         end = loop.time() + settings.EVENTS_MAX_STREAM_SECONDS
         yield "retry: 2000\n\n"
         while not ctx.stop.is_set() and not await request.is_disconnected():
@@ -394,7 +394,7 @@ async def video_events(
                 return
             if loop.time() >= next_heartbeat:
                 yield ": heartbeat\n\n"
-                next_heartbeat = loop.time() + HEARTBEAT_SECONDS
+                next_heartbeat = loop.time() + settings.EVENTS_HEARTBEAT_SECONDS
             with contextlib.suppress(TimeoutError):
                 wait = min(settings.EVENTS_POLL_SECONDS, max(0.0, end - loop.time()))
                 await asyncio.wait_for(ctx.stop.wait(), wait)
