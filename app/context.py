@@ -29,6 +29,7 @@ from app.jobs.runner import JobRunner
 from app.jobs.submitter import SubmitPolicy
 from app.lifecycle import TaskReport
 from app.metrics import METRICS, MetricsEndpoint
+from app.outputs import OutputCheck
 from app.schemas import VideoOut
 from app.security import callback_url
 from app.storage import Storage, open_storage
@@ -59,6 +60,7 @@ class AppContext:
     api_keys: ApiKeys
     notifier: Notifier
     callbacks: GroupCommit[TaskReport, lifecycle.ApplyOutcome]
+    outputs: OutputCheck  # vets hiapi's output URL before a report is applied
     metrics: MetricsEndpoint
     event_streams: StreamSlots = field(default_factory=StreamSlots)
     shutting_down: bool = False
@@ -122,16 +124,20 @@ def build_context(
     storage = open_storage(settings)
     log.info("storage.configured url=%s", storage.url)
     lease = timedelta(seconds=settings.DOWNLOAD_LEASE_SECONDS)
+    allowlist = HostAllowlist.parse(settings.DOWNLOAD_ALLOWED_HOSTS)
+    max_retry = timedelta(seconds=settings.DOWNLOAD_MAX_RETRY_SECONDS)
+    outputs = OutputCheck(allowlist=allowlist, max_retry=max_retry)
     downloader = Downloader(
         sessionmaker=sessionmaker,
         http=download_http,
         storage=storage,
-        allowlist=HostAllowlist.parse(settings.DOWNLOAD_ALLOWED_HOSTS),
+        allowlist=allowlist,
         settings=DownloadSettings(
             max_bytes=settings.MAX_VIDEO_BYTES,
             lease=lease,
             retry_base=retry_base,
             retry_max=retry_max,
+            max_retry=max_retry,
         ),
         stop=stop,
         clock=clock,
@@ -162,6 +168,7 @@ def build_context(
         runner=runner,
         policy=policy,
         callback_url=make_callback_url,
+        outputs=outputs,
         interval=settings.RECONCILE_INTERVAL_SECONDS,
         batch_size=settings.RECONCILE_BATCH_SIZE,
         lease=lease,
@@ -226,6 +233,7 @@ def build_context(
             key=lambda report: report.video_id.hex,
             name="callbacks",
         ),
+        outputs=outputs,
         metrics=MetricsEndpoint(
             METRICS,
             sessionmaker,

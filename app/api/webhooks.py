@@ -73,7 +73,10 @@ async def _read_capped(request: Request) -> bytes:
     summary="hiapi task callback",
     description=(
         "hiapi POSTs the finished task here (bare, or wrapped as `{code, data}`). The URL is "
-        "per video and signed; a wrong token gets 404. Duplicates are acknowledged and ignored."
+        "per video and signed; a wrong token gets 404. Duplicates are acknowledged and ignored. "
+        "A success whose output URL cannot be fetched (unreadable, not http(s), credentials in "
+        "it, or a host not on `DOWNLOAD_ALLOWED_HOSTS`) is acknowledged and ends the video "
+        "`failed` with `bad_output_url` or `host_not_allowed` (outcome `failed`)."
     ),
     # The path parameters are read from the request, not declared in the signature; they are
     # documented here instead.
@@ -129,6 +132,9 @@ async def hiapi_callback(request: Request) -> Response:
             f"callback body is not a hiapi task: {exc}", code="bad_callback", status_code=400
         ) from None
 
+    with bind(video_id=vid, task_id=task.taskId):
+        # An output URL we won't fetch turns the report into a failure (``app.outputs``).
+        task = ctx.outputs.vet(task, now=ctx.clock())
     # A success takes a download slot of this process if one is free; otherwise it is
     # queued in the database for whichever replica frees a slot first.
     reserved = task.status == TaskStatus.success and bool(task.output) and ctx.runner.try_reserve()

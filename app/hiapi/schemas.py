@@ -54,6 +54,8 @@ class TaskOutput(BaseModel):
         """Unix seconds; a value in milliseconds is scaled, one out of range is dropped."""
         if isinstance(value, bool) or not isinstance(value, int | float):
             return None if value is None else value
+        if value >= 10**14:
+            return None  # not even milliseconds (and an int this big overflows a float)
         if value > 10**11:
             value = value / 1000
         return int(value) if 0 < value < 10**11 else None

@@ -7,8 +7,11 @@ size is capped while streaming, not trusted from Content-Length. The writer then
 and rename; CompleteMultipartUpload), and only then is the video marked ``ready`` (still under
 the lease). Hashing and local disk writes run in worker threads so the event loop keeps acking
 webhooks. Any failure aborts the writer, so nothing half-written remains. Transient failures
-(network, storage) give the lease back with a backoff until ``expireAt``; a stop request
-(shutdown) gives it back at once so any replica can resume.
+(network, storage) give the lease back with a backoff until the deadline: ``expireAt`` or the
+task's end plus ``DOWNLOAD_MAX_RETRY_SECONDS``, whichever comes first. Any other exception is
+handled the same way (recorded in ``last_error``, logged with the video's ids, counted as a
+failed attempt): no error leaves a lease held with nobody working on it. A stop request
+(shutdown) gives the lease back at once so any replica can resume.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from yarl import URL
 
 from app import lifecycle
-from app.jobs.hosts import HostAllowlist, resolves_to_public
+from app.jobs.hosts import HostAllowlist, Refused, resolves_to_public
 from app.logging import bind
 from app.metrics import METRICS
 from app.retry import backoff_seconds
@@ -46,8 +49,6 @@ WRITE_CHUNK = 1024 * 1024
 PIPELINE_DEPTH = 3
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-# Without expireAt we still stop retrying eventually.
-NO_EXPIRY_RETRY_WINDOW = timedelta(hours=24)
 # How long a cancelled download may take to abort its upload before the task gives up on it.
 ABORT_WAIT_SECONDS = 15.0
 
@@ -75,12 +76,18 @@ class Stopped(Exception):
     """Shutdown requested or the lease was lost: give up this attempt, keep nothing."""
 
 
+# Failures retried without a traceback in the log. Any other exception is logged as a crash,
+# and retried all the same: one unexpected error must not wedge the video.
+_EXPECTED = (Transient, StorageError, aiohttp.ClientError, OSError)
+
+
 @dataclass(frozen=True, slots=True)
 class DownloadSettings:
     max_bytes: int
     lease: timedelta
     retry_base: float
     retry_max: float
+    max_retry: timedelta = timedelta(days=1)  # DOWNLOAD_MAX_RETRY_SECONDS
 
 
 class Downloader:
@@ -104,38 +111,50 @@ class Downloader:
         self._clock = clock
 
     async def run(self, video_id: uuid.UUID, owner: str) -> None:
-        """Download one clip whose lease ``owner`` holds. Never raises."""
+        """Download one clip whose lease ``owner`` holds. Never raises (but for cancellation):
+        whatever goes wrong is recorded on the video and counted as a failed attempt."""
+        task_id: str | None = None
+        attempts = 1
+        deadline: datetime | None = None
         try:
             async with self._sm() as session:
                 video = await lifecycle.get(session, video_id)
             if video is None or video.lease_owner != owner or video.output_url is None:
                 return
-            with bind(video_id=video.id, task_id=video.task_id):
-                await self._attempt(
-                    video_id,
-                    owner,
-                    video.output_url,
-                    video.output_expires_at,
-                    video.task_finished_at,
-                    video.download_attempts,
-                )
-        except Exception:
-            log.exception("download.crashed")
+            task_id, attempts = video.task_id, video.download_attempts
+            deadline = self.deadline(
+                video.output_expires_at, video.task_finished_at or video.created_at
+            )
+            with bind(video_id=video.id, task_id=task_id):
+                await self._attempt(video_id, owner, video.output_url, deadline, attempts)
+        except Exception as exc:
+            # Reading the row, marking it ready or failed, or giving it back failed (most
+            # likely the database). Try once more to give the lease back with a backoff; if
+            # that fails too, the lease runs out and the reconciler claims the video again.
+            with bind(video_id=video_id, task_id=task_id):
+                log.exception("download.crashed")
+                try:
+                    await self._give_back(video_id, owner, attempts, deadline, _describe(exc))
+                except Exception as again:
+                    log.error("download.release_failed error=%s", _describe(again))
+
+    def deadline(self, expires_at: datetime | None, finished_at: datetime) -> datetime:
+        """When retrying stops: ``expireAt`` or the task's end plus ``DOWNLOAD_MAX_RETRY_SECONDS``,
+        whichever comes first (rows stored before expireAt was clamped get the bound too)."""
+        bound = finished_at + self._settings.max_retry
+        return bound if expires_at is None else min(expires_at, bound)
 
     async def _attempt(
-        self,
-        video_id: uuid.UUID,
-        owner: str,
-        url: str,
-        expires_at: datetime | None,
-        finished_at: datetime | None,
-        attempts: int,
+        self, video_id: uuid.UUID, owner: str, url: str, deadline: datetime, attempts: int
     ) -> None:
         now = self._clock()
-        deadline = expires_at or ((finished_at or now) + NO_EXPIRY_RETRY_WINDOW)
         if now >= deadline:
             await self._fail(
-                video_id, owner, "expired", "the output URL expired before it could be downloaded"
+                video_id,
+                owner,
+                "expired",
+                "the output URL expired (or DOWNLOAD_MAX_RETRY_SECONDS passed since the task "
+                "finished) before the clip could be downloaded",
             )
             return
         lost = asyncio.Event()
@@ -153,24 +172,10 @@ class Downloader:
             METRICS.downloads.labels("stopped").inc()
             await self._release(video_id, owner, self._clock(), f"stopped: {exc}")
             return
-        except (Transient, StorageError, aiohttp.ClientError, OSError) as exc:
-            now = self._clock()
-            delay = backoff_seconds(
-                attempts, base=self._settings.retry_base, cap=self._settings.retry_max
-            )
-            retry_at = now + timedelta(seconds=delay)
-            reason = _describe(exc)
-            if retry_at >= deadline:
-                await self._fail(
-                    video_id,
-                    owner,
-                    "expired",
-                    f"gave up before the output URL expired; last error: {reason}",
-                )
-                return
-            log.warning("download.retry in=%.1fs error=%s", delay, reason)
-            METRICS.downloads.labels("retry").inc()
-            await self._release(video_id, owner, retry_at, reason)
+        except Exception as exc:  # transient, or unexpected: a failed attempt either way
+            if not isinstance(exc, _EXPECTED):
+                log.error("download.crashed error=%s", _describe(exc), exc_info=exc)
+            await self._give_back(video_id, owner, attempts, deadline, _describe(exc))
             return
         except asyncio.CancelledError:
             # Cancelled after the shutdown grace: give the lease back, so another replica
@@ -273,19 +278,46 @@ class Downloader:
                 lost.set()
                 return
 
+    async def _give_back(
+        self,
+        video_id: uuid.UUID,
+        owner: str,
+        attempts: int,
+        deadline: datetime | None,
+        reason: str,
+    ) -> None:
+        """Count a failed attempt: give the lease back with a backoff, or fail the video
+        ``expired`` if the next try would come after the deadline."""
+        delay = backoff_seconds(
+            attempts, base=self._settings.retry_base, cap=self._settings.retry_max
+        )
+        retry_at = self._clock() + timedelta(seconds=delay)
+        if deadline is not None and retry_at >= deadline:
+            await self._fail(
+                video_id,
+                owner,
+                "expired",
+                "gave up before the output URL expired (or DOWNLOAD_MAX_RETRY_SECONDS passed "
+                f"since the task finished); last error: {reason}",
+            )
+            return
+        log.warning("download.retry in=%.1fs error=%s", delay, reason)
+        METRICS.downloads.labels("retry").inc()
+        await self._release(video_id, owner, retry_at, reason)
+
     async def _abandon(self, video_id: uuid.UUID, owner: str) -> None:
         with contextlib.suppress(Exception):
             await self._release(video_id, owner, self._clock(), "stopped: cancelled")
 
     async def _fetch(self, url: str, writer: ClipWriter, lost: asyncio.Event) -> tuple[int, str]:
-        current = httpx.URL(url)
-        for _hop in range(MAX_REDIRECTS + 1):
-            rule = self._allow.match(current)
-            if rule is None:
-                raise Permanent(
-                    "host_not_allowed",
-                    f"download host not allowed: {current.scheme}://{current.host}",
-                )
+        target: str | httpx.URL = url
+        for hop in range(MAX_REDIRECTS + 1):
+            try:
+                # Every hop in its canonical spelling, on the list (or refused for good).
+                current, rule = self._allow.check(target)
+            except Refused as exc:
+                code = "bad_redirect" if hop and exc.code == "bad_output_url" else exc.code
+                raise Permanent(code, str(exc)) from None
             if not rule.explicit and not await resolves_to_public(
                 current.host, current.port or 443
             ):
@@ -305,7 +337,12 @@ class Downloader:
                     location = response.headers.get("Location")
                     if not location:
                         raise Permanent("bad_redirect", "redirect without a Location header")
-                    current = current.join(location)
+                    try:
+                        target = current.join(location)
+                    except (httpx.InvalidURL, ValueError, UnicodeError) as exc:
+                        raise Permanent(
+                            "bad_redirect", f"cannot read the redirect's Location: {exc}"
+                        ) from None
                     continue
                 return await self._consume(response, writer, lost)
         raise Permanent("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")

@@ -29,11 +29,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app import images, lifecycle
 from app.hiapi.client import HiapiClient
 from app.hiapi.errors import HiapiError, HiapiRejected
+from app.hiapi.schemas import TaskStatus
 from app.jobs.runner import JobRunner
 from app.jobs.submitter import SubmitPolicy, submit_video
 from app.logging import bind
 from app.metrics import METRICS
 from app.models import Status, Via, Video
+from app.outputs import OutputCheck
 from app.retry import backoff_seconds
 
 __all__ = ["ReconcileStats", "Reconciler"]
@@ -63,6 +65,7 @@ class Reconciler:
         runner: JobRunner,
         policy: SubmitPolicy,
         callback_url: Callable[[uuid.UUID], str],
+        outputs: OutputCheck,
         interval: float,
         batch_size: int,
         lease: timedelta,
@@ -77,6 +80,7 @@ class Reconciler:
         self._runner = runner
         self._policy = policy
         self._callback_url = callback_url
+        self._outputs = outputs
         self._interval = interval
         self._batch = batch_size
         self._lease = lease
@@ -188,8 +192,14 @@ class Reconciler:
                 )
                 return
             if task is not None and task.status != "handling":
-                # Like the webhook: the download is ours only if a slot is free here.
-                reserved = self._runner.try_reserve()
+                # Like the webhook: an output URL we won't fetch fails the video here and now,
+                # and the download is ours only if a slot is free here.
+                task = self._outputs.vet(task, now=self._clock())
+                reserved = (
+                    task.status == TaskStatus.success
+                    and bool(task.output)
+                    and self._runner.try_reserve()
+                )
                 owner = uuid.uuid4().hex if reserved else None
                 try:
                     async with self._sm() as session, session.begin():
