@@ -70,7 +70,9 @@ class VideoCreate(BaseModel):
         default=None,
         max_length=2048,
         description="https URL that receives the video JSON (signed, Standard Webhooks) once "
-        "it is `ready` or `failed`. Needs NOTIFY_SECRET on the server.",
+        "it is `ready` or `failed`. Needs NOTIFY_SECRET on the server. A host that is a "
+        "private or local IP address is refused (`422`); a name is resolved on each delivery "
+        "and sent to only if every address it resolves to is public.",
     )
 
     @field_validator("image_url")

@@ -33,7 +33,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from yarl import URL
 
 from app import lifecycle
-from app.jobs.hosts import HostAllowlist, Refused, resolves_to_public
+from app.jobs.hosts import HostAllowlist, Refused
+from app.jobs.resolve import AddressRefused
 from app.logging import bind
 from app.metrics import METRICS
 from app.retry import backoff_seconds
@@ -318,21 +319,23 @@ class Downloader:
             except Refused as exc:
                 code = "bad_redirect" if hop and exc.code == "bad_output_url" else exc.code
                 raise Permanent(code, str(exc)) from None
-            if not rule.explicit and not await resolves_to_public(
-                current.host, current.port or 443
-            ):
+            # identity: a clip is already compressed; its bytes are stored as sent. The URL
+            # goes out exactly as hiapi wrote it (httpx's parsing keeps every escape, which a
+            # presigned signature depends on). The session's resolver checks every address
+            # of a name admitted by a non-explicit rule and connects only to those
+            # (``app.jobs.resolve``); a failed lookup is a transient ``ClientError``.
+            try:
+                response = await self._http.get(
+                    URL(str(current), encoded=True),
+                    headers={"Accept-Encoding": "identity"},
+                    allow_redirects=False,
+                )
+            except AddressRefused:
                 raise Permanent(
                     "host_not_allowed",
                     f"download host {current.host} resolves to a private or local address",
-                )
-            # identity: a clip is already compressed; its bytes are stored as sent. The URL
-            # goes out exactly as hiapi wrote it (httpx's parsing keeps every escape, which a
-            # presigned signature depends on).
-            async with self._http.get(
-                URL(str(current), encoded=True),
-                headers={"Accept-Encoding": "identity"},
-                allow_redirects=False,
-            ) as response:
+                ) from None
+            async with response:
                 if response.status in _REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:

@@ -5,6 +5,12 @@ Signatures follow Standard Webhooks (https://www.standardwebhooks.com): headers
 ``webhook-timestamp`` (Unix seconds) and ``webhook-signature`` =
 ``v1,`` + base64(HMAC-SHA256(secret, f"{id}.{timestamp}.{body}")). A ``whsec_``-prefixed
 secret is base64-decoded first, as the spec's libraries do.
+
+The receiver's name is resolved once, every address is checked, and the POST goes to a checked
+address (``Host`` and TLS SNI stay the name, and the certificate is verified against it), so a
+name cannot pass the check with one answer and be connected to with another. A private or
+local answer is refused before any connection, so ``notify.last_error`` never tells an API
+caller whether a port is open on the internal network. ``NOTIFY_ALLOW_LOCAL`` lifts the check.
 """
 
 from __future__ import annotations
@@ -14,18 +20,22 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+from aiohttp.abc import AbstractResolver
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import lifecycle
-from app.jobs.hosts import resolves_to_public
+from app.jobs.hosts import canonical_host, is_public_address
+from app.jobs.resolve import CheckedResolver
 from app.logging import bind
 from app.metrics import METRICS
 from app.models import Notification
@@ -50,16 +60,31 @@ def sign(secret: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
 
 
 def notify_url_problem(url: str, *, allow_local: bool) -> str | None:
-    """Why ``url`` can't be a notify_url, or None. (Addresses are checked again on delivery.)"""
+    """Why ``url`` can't be a notify_url, or None. An IP literal is checked here; a name's
+    addresses are checked on every delivery (``Notifier``), before connecting."""
     try:
         parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError):
-        return "must be an absolute https URL"
-    if parsed.scheme not in ("https", "http") or not parsed.host or parsed.userinfo:
+        host = canonical_host(parsed.raw_host.decode("ascii")) if parsed.raw_host else ""
+    except (httpx.InvalidURL, ValueError, UnicodeError) as exc:
+        return f"must be an absolute https URL ({exc})"
+    if parsed.scheme not in ("https", "http") or not host or parsed.userinfo:
         return "must be an absolute https URL without credentials"
     if parsed.scheme == "http" and not allow_local:
         return "must use https"
+    if not allow_local and _is_ip(host) and not is_public_address(host):
+        return (
+            f"{parsed.host} is a private or local address, which notifications are never sent to; "
+            "give a public https URL (NOTIFY_ALLOW_LOCAL=true allows it, for development only)"
+        )
     return None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class Notifier:
@@ -76,13 +101,17 @@ class Notifier:
         retry_max: float,
         interval: float,
         clock: Callable[[], datetime],
+        resolver: AbstractResolver | None = None,
     ) -> None:
+        """``resolver`` looks names up (aiohttp's default resolver unless given); its answers
+        are checked, and connected to, by ``CheckedResolver``."""
         self._sm = sessionmaker
         self._http = http
         self._secret = secret
         self._render = render
         self._max_attempts = max_attempts
         self._allow_local = allow_local
+        self._resolver = CheckedResolver(resolver, private_ok=lambda host, port: allow_local)
         self._retry_base = retry_base
         self._retry_max = retry_max
         self._interval = interval
@@ -152,8 +181,7 @@ class Notifier:
         if problem:
             raise ValueError(f"notify_url {problem}")
         url = httpx.URL(note.url)
-        if not self._allow_local and not await resolves_to_public(url.host, url.port or 443):
-            raise ValueError("notify_url resolves to a private or local address")
+        addresses = await self._addresses(url)  # before anything is rendered or sent
         video = await self._render(note.video_id)
         body = json.dumps(
             {"type": note.event, "timestamp": self._clock().isoformat(), "data": video},
@@ -168,5 +196,43 @@ class Notifier:
             "webhook-signature": sign(self._secret, str(note.id), timestamp, body),
             "user-agent": "videorelay",
         }
-        response = await self._http.post(url, content=body, headers=headers)
-        return response.status_code
+        return await self._send(url, addresses, body, headers)
+
+    async def _addresses(self, url: httpx.URL) -> list[tuple[str, int]]:
+        """The checked addresses (and ports) to send to; raises ``LookupFailed`` (try again
+        later) or ``AddressRefused`` before any connection is made."""
+        host = canonical_host(url.raw_host.decode("ascii"))
+        port = url.port or (443 if url.scheme == "https" else 80)
+        if _is_ip(host):
+            if not self._allow_local and not is_public_address(host):
+                raise ValueError(
+                    f"notify_url host {host} is a private or local address; refused before "
+                    "connecting"
+                )
+            return [(host, port)]
+        answers = await self._resolver.resolve(host, port, family=socket.AF_UNSPEC)
+        return list(dict.fromkeys((answer["host"], answer["port"]) for answer in answers))
+
+    async def _send(
+        self, url: httpx.URL, addresses: list[tuple[str, int]], body: bytes, headers: dict[str, str]
+    ) -> int:
+        """POST to the first checked address that takes a connection. The URL's host becomes
+        the address; ``Host`` and TLS SNI stay the name (the certificate is checked against
+        it), so the receiver sees the request it was meant to get."""
+        name = url.raw_host.decode("ascii")
+        headers = {**headers, "host": url.netloc.decode("ascii")}
+        failure: httpx.TransportError | None = None
+        for address, port in addresses:
+            try:
+                response = await self._http.post(
+                    url.copy_with(host=address, port=port),
+                    content=body,
+                    headers=headers,
+                    extensions={"sni_hostname": name},
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                failure = exc  # nothing was sent: the next address may take it
+                continue
+            return response.status_code
+        assert failure is not None
+        raise failure
