@@ -3,7 +3,8 @@
 Pure functions over plain data, so they can be tested without starting anything:
 ``build_report`` turns a ``RunData`` (database rows, the simulator's per-task records, the
 kills, the storage scan) into a JSON-able dict; ``render_text`` prints it; ``passed`` says
-whether the promises held (nothing lost, nothing downloaded twice, every stored file intact).
+whether the promises held (nothing lost, nothing downloaded twice, every stored file intact,
+no second paid task that could have been avoided).
 
 Definitions used below:
 
@@ -22,9 +23,18 @@ Definitions used below:
   which replica fetched a file, so a kill of *another* replica in that window also counts
   as an explanation.
 * **paid tasks**: upstream tasks per video, mapped through the video id in the task's
-  callback URL. Every task but the last of a video caused the next one; the reason is
-  ``ambiguous_create_timeout`` (its create timed out), ``replica_killed_during_submit`` (the
-  replica that sent it was SIGKILLed before it could record the task id), or ``unexplained``.
+  callback URL. Every task but the last of a video caused the next one; the reason is, first
+  match wins:
+
+  - ``callback_delivered``: its callback was answered 2xx before the next task was created,
+    so videorelay had the task's id and still paid again. **Avoidable.**
+  - ``ambiguous_create_timeout``: its create timed out, and its callback was dropped by
+    hiapi, never answered, or answered only after the next task was created.
+  - ``replica_killed_during_submit``: the replica that sent it was SIGKILLed before it could
+    record the task id (and, as above, the callback did not arrive in time).
+  - ``unexplained``: the create was not ambiguous, yet another task followed. **Avoidable.**
+
+  An avoidable second task fails the run: the no-double-charge rule was broken.
 """
 
 from __future__ import annotations
@@ -56,6 +66,15 @@ SUBMIT_KILL_SLACK_SECONDS = 1.0
 KILL_EXPLAINS_SECONDS = 10.0
 """A kill this long after a complete download still explains downloading it again (the
 killed replica may not have committed the file and marked the video ready yet)."""
+CAUSES = (
+    "callback_delivered",
+    "unexplained",
+    "replica_killed_during_submit",
+    "ambiguous_create_timeout",
+)
+"""Why a task was followed by another one, the most worrying first."""
+AVOIDABLE = frozenset({"callback_delivered", "unexplained"})
+"""Causes of a second paid task that break the no-double-charge rule."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +121,8 @@ class SimTaskInfo:
     published_at: float | None
     file_sha256: str | None
     serves: tuple[Serve, ...]
+    callback_delivered_at: float | None = None
+    """When a copy of the callback was first answered 2xx; ``None`` if never (or unknown)."""
 
     @classmethod
     def from_wire(cls, item: dict[str, Any]) -> SimTaskInfo:
@@ -119,6 +140,7 @@ class SimTaskInfo:
             for s in file.get("serves", ())
         )
         published = file.get("published_at")
+        delivered_at = item.get("callback_delivered_at")
         return cls(
             task_id=str(item["task_id"]),
             video_id=video_id,
@@ -133,6 +155,7 @@ class SimTaskInfo:
             published_at=None if published is None else float(published),
             file_sha256=file.get("sha256"),
             serves=serves,
+            callback_delivered_at=None if delivered_at is None else float(delivered_at),
         )
 
 
@@ -214,6 +237,9 @@ def _chain(data: RunData, tasks: list[SimTaskInfo]) -> list[dict[str, Any]]:
             "created_at": round(t.created_at - data.started_at, 3),
             "create_timed_out": t.create_timed_out,
             "callback_dropped": t.drop_callback,
+            "callback_delivered_at": None
+            if not t.callback_delivered or t.callback_delivered_at is None
+            else round(t.callback_delivered_at - data.started_at, 3),
             "status": t.status,
             "replica_port": t.replica_port,
         }
@@ -221,10 +247,19 @@ def _chain(data: RunData, tasks: list[SimTaskInfo]) -> list[dict[str, Any]]:
     ]
 
 
+def _delivered_before(task: SimTaskInfo, later: SimTaskInfo) -> bool:
+    """Whether ``task``'s callback was acknowledged before ``later`` was created. Without a
+    delivery time (an older simulator), any delivery counts: the stricter reading."""
+    if not task.callback_delivered:
+        return False
+    return task.callback_delivered_at is None or task.callback_delivered_at < later.created_at
+
+
 def _causes(data: RunData, tasks: list[SimTaskInfo]) -> list[str]:
     """Why each task but the last was followed by another one (see the module docstring)."""
     causes = []
-    for task in sorted(tasks, key=lambda t: t.created_at)[:-1]:
+    ordered = sorted(tasks, key=lambda t: t.created_at)
+    for task, following in zip(ordered, ordered[1:], strict=False):
         window_end = task.created_at + data.hiapi_timeout_seconds + SUBMIT_KILL_SLACK_SECONDS
         # Behind the balancer the callback URL names the balancer, not the replica that sent
         # the create; then any kill in the window counts.
@@ -235,7 +270,9 @@ def _causes(data: RunData, tasks: list[SimTaskInfo]) -> list[str]:
             and task.created_at - 0.2 <= k.killed_at <= window_end
             for k in data.kills
         )
-        if task.create_timed_out:
+        if _delivered_before(task, following):
+            causes.append("callback_delivered")
+        elif task.create_timed_out:
             causes.append("ambiguous_create_timeout")
         elif killed:
             causes.append("replica_killed_during_submit")
@@ -260,7 +297,7 @@ def _lost(
             # Never reported: hiapi dropped the callback, or every retry of it failed (the
             # replica it named was down): either way we never learned of the clip.
             never_reported = all(
-                (t.drop_callback or not t.callback_delivered) and cause != "unexplained"
+                (t.drop_callback or not t.callback_delivered) and cause not in AVOIDABLE
                 for t, cause in zip(ordered[:-1], causes, strict=False)
                 if t.status == "success"
             ) and all(t.task_id != ordered[-1].task_id for t in ordered[:-1])
@@ -328,6 +365,7 @@ def _paid_tasks(data: RunData, tasks_by_video: dict[str, list[SimTaskInfo]]) -> 
     examples: list[dict[str, Any]] = []
     multi = 0
     extra = 0
+    avoidable = 0
     for video_id, tasks in tasks_by_video.items():
         if len(tasks) < 2:
             continue
@@ -335,22 +373,18 @@ def _paid_tasks(data: RunData, tasks_by_video: dict[str, list[SimTaskInfo]]) -> 
         extra += len(tasks) - 1
         causes = _causes(data, tasks)
         # One reason per video, the most worrying first.
-        for reason in ("unexplained", "replica_killed_during_submit", "ambiguous_create_timeout"):
-            if reason in causes:
-                reasons[reason] += 1
-                break
-        if len(examples) < EXAMPLES or "unexplained" in causes:
+        reasons[next(reason for reason in CAUSES if reason in causes)] += 1
+        worrying = not AVOIDABLE.isdisjoint(causes)
+        avoidable += worrying
+        if len(examples) < EXAMPLES or worrying:
             examples.append({"video_id": video_id, "tasks": _chain(data, tasks), "causes": causes})
     return {
         "tasks_created": len(data.tasks),
         "videos_with_tasks": len(tasks_by_video),
         "videos_with_multiple_tasks": multi,
         "extra_tasks": extra,
-        "by_reason": {
-            "ambiguous_create_timeout": reasons["ambiguous_create_timeout"],
-            "replica_killed_during_submit": reasons["replica_killed_during_submit"],
-            "unexplained": reasons["unexplained"],
-        },
+        "by_reason": {reason: reasons[reason] for reason in CAUSES},
+        "videos_with_avoidable_second_task": avoidable,
         "ambiguous_submits_recorded": sum(v.ambiguous_submits for v in data.videos),
         "videos_with_ambiguous_submit": sum(1 for v in data.videos if v.ambiguous_submits),
         "examples": examples,
@@ -507,13 +541,15 @@ def build_report(data: RunData) -> dict[str, Any]:
 
 
 def passed(report: dict[str, Any]) -> bool:
-    """Nothing lost, nothing downloaded twice, every stored file intact, nothing half-written."""
+    """Nothing lost, nothing downloaded twice, every stored file intact, nothing half-written,
+    no avoidable second paid task."""
     integrity = report["integrity"]
     return (
         report["lost"] == 0
         and report["downloaded_twice"] == 0
         and integrity["problems"] == 0
         and integrity["partial_leftovers"] == 0
+        and report["paid_tasks"]["videos_with_avoidable_second_task"] == 0
         and not report["timed_out"]
     )
 
@@ -559,8 +595,9 @@ def render_text(report: dict[str, Any]) -> str:
         f"| paid tasks | {paid['tasks_created']} tasks for {paid['videos_with_tasks']} videos; "
         f"{paid['videos_with_multiple_tasks']} videos with 2+ tasks "
         f"(ambiguous create timeout {reasons['ambiguous_create_timeout']}, replica killed "
-        f"during submit {reasons['replica_killed_during_submit']}, unexplained "
-        f"{reasons['unexplained']}) |",
+        f"during submit {reasons['replica_killed_during_submit']}; avoidable: callback "
+        f"delivered {reasons['callback_delivered']}, create not ambiguous "
+        f"{reasons['unexplained']}) {_mark(paid['videos_with_avoidable_second_task'] == 0)} |",
         f"| ambiguous creates | {paid['ambiguous_submits_recorded']} recorded on "
         f"{paid['videos_with_ambiguous_submit']} videos |",
         f"| recovered by the reconciler | {report['recovered_by_reconciler']} "
@@ -612,9 +649,8 @@ def render_text(report: dict[str, Any]) -> str:
             lines.append(f"{title}: {item}")
     for item in integ["problem_examples"]:
         lines.append(f"integrity: {item}")
-    if reasons["unexplained"]:
-        for example in paid["examples"]:
-            if "unexplained" in example["causes"]:
-                lines.append(f"unexplained second task: {example}")
+    for example in paid["examples"]:
+        if not AVOIDABLE.isdisjoint(example["causes"]):
+            lines.append(f"avoidable second task: {example}")
     lines += ["", f"verdict: {'PASS' if report['passed'] else 'FAIL'}"]
     return "\n".join(lines) + "\n"

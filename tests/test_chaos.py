@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from app.chaos_report import (
     percentile,
     render_text,
 )
-from tests.conftest import IN_CI, PG_ADMIN_DSN, in_thread
+from tests.conftest import IN_CI, PG_ADMIN_DSN, Service, Sim, in_thread
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # A stall of the service's fixed 120 s reconciler hold (a replica killed right after claiming
@@ -153,6 +154,9 @@ def task(vid: str, task_id: str | None = None, **changes: Any) -> SimTaskInfo:
     return SimTaskInfo(**values)
 
 
+DROPPED: dict[str, Any] = {"drop_callback": True, "callback_delivered": False}
+
+
 def run_data(videos: list[VideoRow], tasks: list[SimTaskInfo], **changes: Any) -> RunData:
     values: dict[str, Any] = {
         "config": {"videos": len(videos), "database": "sqlite", "replicas": 1, "kills": 0},
@@ -207,25 +211,34 @@ def test_lost_videos_and_second_tasks_are_classified() -> None:
         video("a", status="processing", sha256=None, storage_key=None, ready_at=None),
         video("b", status="failed", task_id="t-b2"),
         video("c", task_id="t-c2", ambiguous_submits=1),
+        video("d", task_id="t-d2"),
     ]
     tasks = [
         task("a", status="handling", serves=()),
-        task("b", "t-b1", created_at=T0 + 0.5, serves=()),  # succeeded, never recorded
+        # Succeeded and its callback was answered, yet the video failed on a second task.
+        task("b", "t-b1", created_at=T0 + 0.5, serves=()),
         task("b", "t-b2", created_at=T0 + 6, status="fail", serves=()),
-        task("c", "t-c1", created_at=T0 + 0.5, create_timed_out=True, serves=()),
+        # Ambiguous create, callback dropped: the second task is the README's known limit.
+        task("c", "t-c1", serves=(), create_timed_out=True, **DROPPED),
         task("c", "t-c2", created_at=T0 + 6),
+        # The replica died during the create, and no retry of the callback found it up.
+        task("d", "t-d1", serves=(), callback_delivered=False),
+        task("d", "t-d2", created_at=T0 + 6),
     ]
     kill = KillEvent(replica=0, port=8001, killed_at=T0 + 0.7, restarted_at=T0 + 3)
     report = build_report(run_data(videos, tasks, kills=[kill]))
     assert report["lost"] == 2
     reasons = " ".join(item["reason"] for item in report["lost_examples"])
     assert "ended processing" in reasons and "t-b1 succeeded" in reasons
-    assert report["paid_tasks"]["videos_with_multiple_tasks"] == 2
-    assert report["paid_tasks"]["by_reason"] == {
-        "ambiguous_create_timeout": 1,
-        "replica_killed_during_submit": 1,
+    paid = report["paid_tasks"]
+    assert paid["videos_with_multiple_tasks"] == 3
+    assert paid["by_reason"] == {
+        "callback_delivered": 1,
         "unexplained": 0,
+        "replica_killed_during_submit": 1,
+        "ambiguous_create_timeout": 1,
     }
+    assert paid["videos_with_avoidable_second_task"] == 1
 
 
 def test_a_callback_no_replica_answered_counts_like_a_dropped_one() -> None:
@@ -247,6 +260,114 @@ def test_a_callback_no_replica_answered_counts_like_a_dropped_one() -> None:
     assert report["lost"] == 1
     assert "t-k1 succeeded" in report["lost_examples"][0]["reason"]
     assert len(report["unreported_examples"]) == 1
+
+
+def test_a_second_task_after_a_delivered_callback_fails_the_run() -> None:
+    """The first create timed out, but its callback was answered before the second create:
+    videorelay knew the task and paid again. Not the ambiguous-timeout limit: a FAIL."""
+    videos = [video("a", task_id="t-a2", ambiguous_submits=1)]
+    tasks = [
+        task(
+            "a",
+            "t-a1",
+            create_timed_out=True,
+            serves=(),
+            callback_delivered_at=T0 + 1.6,
+        ),
+        task("a", "t-a2", created_at=T0 + 8),
+    ]
+    report = build_report(run_data(videos, tasks))
+    assert (report["lost"], report["downloaded_twice"]) == (0, 0)
+    paid = report["paid_tasks"]
+    assert paid["by_reason"]["callback_delivered"] == 1
+    assert paid["by_reason"]["ambiguous_create_timeout"] == 0
+    assert paid["videos_with_avoidable_second_task"] == 1
+    assert paid["examples"][0]["causes"] == ["callback_delivered"]
+    assert not report["passed"]
+    text = render_text(report)
+    assert "avoidable: callback delivered 1, create not ambiguous 0) FAIL" in text
+    assert "avoidable second task:" in text and "verdict: FAIL" in text
+
+    # Read from the simulator without a delivery time: any delivery counts.
+    untimed = task("a", "t-a1", create_timed_out=True, serves=(), callback_delivered_at=None)
+    report = build_report(run_data(videos, [untimed, tasks[1]]))
+    assert report["paid_tasks"]["by_reason"]["callback_delivered"] == 1
+    assert not report["passed"]
+
+
+def test_a_second_task_after_a_create_that_was_not_ambiguous_fails_the_run() -> None:
+    """No timeout, no kill: the first task's id was known, so the second is avoidable."""
+    videos = [video("a", task_id="t-a2")]
+    tasks = [task("a", "t-a1", serves=(), **DROPPED), task("a", "t-a2", created_at=T0 + 8)]
+    report = build_report(run_data(videos, tasks))
+    assert report["paid_tasks"]["by_reason"]["unexplained"] == 1
+    assert report["paid_tasks"]["videos_with_avoidable_second_task"] == 1
+    assert not report["passed"]
+    assert "create not ambiguous 1) FAIL" in render_text(report)
+
+
+def test_second_tasks_the_readme_accepts_pass() -> None:
+    """An ambiguous create whose callback was dropped, never answered, or answered only after
+    the second create; or a replica killed during the create whose callback never came."""
+    videos = [video(v, task_id=f"t-{v}2", ambiguous_submits=1) for v in ("d", "n", "l", "k")]
+    tasks = [
+        task("d", "t-d1", create_timed_out=True, serves=(), **DROPPED),
+        task("n", "t-n1", create_timed_out=True, serves=(), callback_delivered=False),
+        task("l", "t-l1", create_timed_out=True, serves=(), callback_delivered_at=T0 + 9),
+        task("k", "t-k1", serves=(), callback_delivered=False, replica_port=8002),
+    ]
+    tasks += [task(v, f"t-{v}2", created_at=T0 + 8) for v in ("d", "n", "l", "k")]
+    kill = KillEvent(replica=1, port=8002, killed_at=T0 + 1, restarted_at=T0 + 3)
+    report = build_report(run_data(videos, tasks, kills=[kill]))
+    paid = report["paid_tasks"]
+    assert paid["by_reason"] == {
+        "callback_delivered": 0,
+        "unexplained": 0,
+        "replica_killed_during_submit": 1,
+        "ambiguous_create_timeout": 3,
+    }
+    assert paid["videos_with_avoidable_second_task"] == 0
+    assert paid["extra_tasks"] == 4
+    assert report["passed"]
+    text = render_text(report)
+    assert "avoidable: callback delivered 0, create not ambiguous 0) OK" in text
+    assert "avoidable second task" not in text and "verdict: PASS" in text
+
+
+def test_delivery_time_is_read_from_the_simulator() -> None:
+    wire = {
+        "task_id": "t-1",
+        "status": "success",
+        "created_at": T0,
+        "callback_url": "http://127.0.0.1:8001/webhooks/hiapi/v1/tok",
+        "create_timed_out": True,
+        "callback_delivered": True,
+        "callback_delivered_at": T0 + 1.25,
+        "fate": {"fail": False, "drop_callback": False, "callback_copies": 1},
+        "file": None,
+    }
+    info = SimTaskInfo.from_wire(wire)
+    assert (info.callback_delivered, info.callback_delivered_at) == (True, T0 + 1.25)
+    assert (
+        SimTaskInfo.from_wire({**wire, "callback_delivered_at": None}).callback_delivered_at is None
+    )
+
+
+async def test_the_simulator_records_when_a_callback_was_delivered(
+    service: Service, sim: Sim
+) -> None:
+    video = await service.submit()
+    await service.wait_for(video["id"], "ready")
+    (item,) = (await sim.client.get("/_sim/tasks")).json()["tasks"]
+    info = SimTaskInfo.from_wire(item)
+    assert info.callback_delivered and info.callback_delivered_at is not None
+    assert info.created_at < info.callback_delivered_at < time.time()
+    sim.set(callback_drop_rate=1.0)
+    dropped = await service.submit()
+    await sim.client.post(f"/_sim/tasks/{dropped['task_id']}/complete")
+    items = (await sim.client.get("/_sim/tasks")).json()["tasks"]
+    info = SimTaskInfo.from_wire(next(i for i in items if i["task_id"] == dropped["task_id"]))
+    assert (info.callback_delivered, info.callback_delivered_at) == (False, None)
 
 
 def test_integrity_problems_fail_the_run() -> None:

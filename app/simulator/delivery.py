@@ -8,6 +8,7 @@ duplicate deliveries are sent concurrently. All randomness comes from ``Simulato
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -66,19 +67,21 @@ async def deliver_callbacks(state: SimulatorState, task: SimTask) -> None:
     wire = task.to_wire()
     bodies = [envelope(state, wire) for _ in range(task.fate.callback_copies)]
     sent = await asyncio.gather(*(_send_with_retries(state, task.callback_url, b) for b in bodies))
-    task.callback_delivered = any(sent)
+    acked = [at for at in sent if at is not None]
+    task.callback_delivered = bool(acked)
+    task.callback_delivered_at = min(acked) if acked else None
 
 
-async def _send_with_retries(state: SimulatorState, url: str, body: dict[str, Any]) -> bool:
-    """True once an attempt was answered 2xx; False when every retry failed."""
+async def _send_with_retries(state: SimulatorState, url: str, body: dict[str, Any]) -> float | None:
+    """When an attempt was answered 2xx (unix time); ``None`` when every retry failed."""
     attempts = 1 + state.config.callback_retries
     for attempt in range(attempts):
         if attempt:
             await asyncio.sleep(BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS)) - 1])
         if await _send_once(state, url, body):
             state.stats.callbacks_delivered += 1
-            return True
-    return False
+            return time.time()
+    return None
 
 
 async def _send_once(state: SimulatorState, url: str, body: dict[str, Any]) -> bool:

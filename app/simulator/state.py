@@ -80,6 +80,7 @@ class SimTask:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     forced_outcome: TaskStatus | None = None
     callback_delivered: bool = False  # some copy of the final callback was answered 2xx
+    callback_delivered_at: float | None = None  # when the first copy was answered 2xx
 
     def to_wire(self) -> dict[str, Any]:
         """The task object returned by ``GET /v1/tasks/{id}`` and POSTed to callbacks."""
@@ -236,6 +237,7 @@ class SimulatorState:
                     "callback_url": task.callback_url,
                     "create_timed_out": task.task_id in self.timed_out_creates,
                     "callback_delivered": task.callback_delivered,
+                    "callback_delivered_at": task.callback_delivered_at,
                     "fate": {
                         "fail": task.fate.fail,
                         "drop_callback": task.fate.drop_callback,
