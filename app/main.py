@@ -24,6 +24,7 @@ from app.context import build_context
 from app.db import create_engine, create_sessionmaker, utc_now
 from app.errors import register_exception_handlers
 from app.http_policies import install_http_policies
+from app.limits import install_request_guard
 from app.logging import configure_logging
 from app.metrics import serve_metrics_port
 from app.migrate import head_revision
@@ -113,6 +114,7 @@ def create_app(
         lifespan=lifespan,
     )
     register_exception_handlers(app)
+    install_request_guard(app, settings)  # inside CORS and the security headers
     install_http_policies(app, settings)
     # The webhook's route first: routes are matched in order, and it takes the bursts. It is
     # served by a plain Starlette route (no FastAPI request handling: about a third of its

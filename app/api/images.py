@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse
 from app import images
 from app.api.deps import CallerDep, ContextDep, SessionDep
 from app.errors import AppError, NotFound
+from app.limits import image_too_large
 from app.schemas import ErrorOut, ImageOut
 
 __all__ = ["public_router", "router"]
@@ -31,8 +32,16 @@ public_router = APIRouter(tags=["images"])
         "IMAGE_RETENTION_SECONDS after their videos have ended."
     ),
     responses={
-        401: {"model": ErrorOut, "description": "Missing or invalid API key."},
-        413: {"model": ErrorOut, "description": "Larger than IMAGE_MAX_BYTES."},
+        401: {
+            "model": ErrorOut,
+            "description": "Missing or invalid API key (checked before the body is read).",
+        },
+        413: {
+            "model": ErrorOut,
+            "description": "Image larger than IMAGE_MAX_BYTES. The body is capped while it "
+            "streams (IMAGE_MAX_BYTES plus the multipart framing), so an oversized upload is "
+            "refused as soon as the cap is passed, or at once if Content-Length says so.",
+        },
         415: {"model": ErrorOut, "description": "Not a JPEG, PNG or WebP image."},
         422: {"model": ErrorOut, "description": "No `file` part in the form."},
     },
@@ -43,14 +52,14 @@ async def upload_image(
     session: SessionDep,
     caller: CallerDep,
 ) -> ImageOut:
+    # app.limits.RequestGuard capped the stream at IMAGE_MAX_BYTES plus the multipart framing,
+    # so no more than that was ever spooled; the file itself is held to the exact limit here.
     limit = ctx.settings.IMAGE_MAX_BYTES
+    if file.size is not None and file.size > limit:
+        raise image_too_large(limit)
     data = await file.read(limit + 1)
     if len(data) > limit:
-        raise AppError(
-            f"image is larger than {limit} bytes (IMAGE_MAX_BYTES)",
-            code="too_large",
-            status_code=413,
-        )
+        raise image_too_large(limit)
     try:
         info = await asyncio.to_thread(images.inspect_image, data)
     except images.NotAnImage as exc:  # 415, or 413 image_too_large for ImageTooLarge

@@ -102,6 +102,10 @@ async def _resolve_params(
             "model": ErrorOut,
             "description": "Idempotency-Key reused with different parameters.",
         },
+        413: {
+            "model": ErrorOut,
+            "description": "Body larger than MAX_JSON_BODY_BYTES (counted while it streams).",
+        },
         422: {"model": ErrorOut, "description": "Invalid request; `error.field` names the field."},
         429: {
             "model": ErrorOut,

@@ -1,0 +1,215 @@
+"""Who is calling and how much they may send, checked before a body byte is read.
+
+FastAPI reads and parses a request's whole body before a route's dependencies run, so an
+API-key dependency alone lets anyone make the server hold (or spool to disk) a body of any
+size. ``RequestGuard`` is a pure ASGI middleware in front of the routes. On ``/v1/*`` it
+
+- identifies the caller from the headers first (``authenticate``; 401 before any body byte is
+  read, so an unauthenticated body costs nothing but the socket);
+- refuses a declared ``Content-Length`` over the cap at once (413, nothing read);
+- counts the body while it streams, chunked included, and ends it at the cap (413):
+  ``MAX_JSON_BODY_BYTES`` for JSON, ``IMAGE_MAX_BYTES`` plus the multipart framing for
+  ``POST /v1/images``, so no more than that is ever buffered or spooled to disk.
+
+Every other path (the webhook, which caps itself and is the hot path; ``/i/``; health) passes
+straight through after one prefix test.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.config import Settings
+from app.errors import AppError, error_body
+
+if TYPE_CHECKING:
+    from app.context import AppContext
+
+__all__ = [
+    "DRAIN_BYTES",
+    "MULTIPART_ALLOWANCE",
+    "RequestGuard",
+    "authenticate",
+    "image_too_large",
+    "install_request_guard",
+    "unauthorized",
+]
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/v1/"
+UPLOAD_PATH = "/v1/images"
+# Room for the multipart framing around the one `file` part: boundaries, the part's headers
+# (a long file name included) and the closing line. The route checks the file itself exactly.
+MULTIPART_ALLOWANCE = 16 * 1024
+# Past the cap, up to this much more is read and dropped so that a client slightly over it can
+# read its 413 (closing a socket with unread data resets it, and the reply is lost with it).
+# A body still going after that, or declared larger than this, ends with the connection.
+DRAIN_BYTES = 1024 * 1024
+
+
+def unauthorized() -> AppError:
+    """The one 401 of ``/v1/*``, from the middleware and the route dependency alike."""
+    return AppError(
+        "missing or invalid API key: send `Authorization: Bearer <key>`",
+        code="unauthorized",
+        status_code=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def authenticate(ctx: AppContext, authorization: str | None) -> str:
+    """The caller's owner name ('' on an open API), else ``unauthorized()``.
+
+    The single check for ``/v1/*``: ``RequestGuard`` calls it before the body is read and
+    ``app.api.deps.get_caller`` again in the route. Another credential (a client token) is
+    accepted by extending this function.
+    """
+    owner = ctx.api_keys.identify(authorization)
+    if owner is None:
+        raise unauthorized()
+    return owner
+
+
+def image_too_large(limit: int) -> AppError:
+    return AppError(
+        f"image is larger than {limit} bytes (IMAGE_MAX_BYTES); upload a smaller image",
+        code="too_large",
+        status_code=413,
+    )
+
+
+def _json_too_large(limit: int) -> AppError:
+    return AppError(
+        f"request body is larger than {limit} bytes (MAX_JSON_BODY_BYTES); send a smaller body",
+        code="too_large",
+        status_code=413,
+    )
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive`` at the cap. An HTTPException on purpose: FastAPI passes those
+    through its body parsing (anything else becomes a 400), so the app's own handler answers
+    it with the JSON error shape."""
+
+    def __init__(self, error: AppError, *, close: bool) -> None:
+        super().__init__(413, detail=error.message, headers=_CLOSE if close else None)
+        self.error = error
+        self.close = close
+
+
+_CLOSE = {"Connection": "close"}
+
+
+def _response(error: AppError, *, close: bool) -> JSONResponse:
+    headers = dict(error.headers or {})
+    if close:
+        # The rest of the body is unread and large: end the connection rather than let the
+        # server read and discard it.
+        headers.update(_CLOSE)
+    return JSONResponse(
+        error_body(error.code, error.message), status_code=error.status_code, headers=headers
+    )
+
+
+class RequestGuard:
+    """Pure ASGI middleware: caller first, then a capped body (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, *, json_max_bytes: int, image_max_bytes: int) -> None:
+        self.app = app
+        self.json_max_bytes = json_max_bytes
+        self.image_max_bytes = image_max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        authorization: str | None = None
+        declared: int | None = None
+        chunked = False
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                if authorization is None:  # the first one, as Starlette's Headers.get
+                    authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                declared = int(value) if value.isdigit() else None
+            elif name == b"transfer-encoding":
+                chunked = True
+        # Answered before reading: a body the server would otherwise read and drop, whose
+        # size is unknown or over DRAIN_BYTES, ends with the connection instead.
+        unread_large = chunked or (declared is not None and declared > DRAIN_BYTES)
+
+        ctx: AppContext = scope["app"].state.ctx
+        try:
+            authenticate(ctx, authorization)
+        except AppError as exc:
+            await _response(exc, close=unread_large)(scope, receive, send)
+            return
+
+        if not chunked and not declared:
+            await self.app(scope, receive, send)  # no body: nothing to count
+            return
+        if path.rstrip("/") == UPLOAD_PATH:
+            cap = self.image_max_bytes + MULTIPART_ALLOWANCE
+            error = image_too_large(self.image_max_bytes)
+        else:
+            cap = self.json_max_bytes
+            error = _json_too_large(self.json_max_bytes)
+        if declared is not None and declared > cap:
+            await _response(error, close=unread_large)(scope, receive, send)
+            return
+
+        received = 0
+        started = False
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            if received > cap:
+                raise BodyTooLarge(error, close=True)
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            received += len(message.get("body", b""))
+            if received <= cap:
+                return message
+            more = bool(message.get("more_body", False))
+            while more and received <= cap + DRAIN_BYTES:  # read on, dropping each piece
+                message = await receive()
+                if message["type"] != "http.request":
+                    break  # the client left; the answer goes nowhere
+                received += len(message.get("body", b""))
+                more = bool(message.get("more_body", False))
+            raise BodyTooLarge(error, close=more)
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, watched_send)
+        except BodyTooLarge as exc:
+            # Normally the app's HTTPException handler has answered already; this is for a
+            # reader outside it. Never a second response once one has started.
+            if started:
+                log.warning("request.body_too_large after the response started path=%s", path)
+                return
+            await _response(error, close=exc.close)(scope, receive, send)
+
+
+def install_request_guard(app: FastAPI, settings: Settings) -> None:
+    """Install before ``install_http_policies``: CORS and the security headers wrap it, so its
+    401 and 413 carry them and CORS preflights never need a key."""
+    app.add_middleware(
+        RequestGuard,
+        json_max_bytes=settings.MAX_JSON_BODY_BYTES,
+        image_max_bytes=settings.IMAGE_MAX_BYTES,
+    )
