@@ -109,15 +109,19 @@ async def test_ambiguous_create_with_the_callback_dropped_is_held_until_reconcil
     assert (held["status"], held["task_id"]) == ("queued", None)
 
     # Only once no callback came is the task created again: a second, paid task.
-    first, second = await wait_until_tasks(sim, 2, timeout=10)
+    first, second = (await wait_until_tasks(sim, 2, timeout=10))[:2]
     assert float(second["created_at"]) - float(first["created_at"]) >= HOLD_SECONDS
     assert first["callback_url"] == second["callback_url"]  # the same video's signed URL
     deadline = time.monotonic() + 10
-    while (current := await service.get(video["id"]))["task_id"] != second["task_id"]:
+    while (current := await service.get(video["id"]))["task_id"] is None:
         assert time.monotonic() < deadline, current
         await asyncio.sleep(POLL_EVERY)
-    assert current["status"] == "processing"
-    assert (await sim.stats())["tasks_created"] == 2
+    # Task 2 normally; a later one only if that create also outlived HIAPI_TIMEOUT (a loaded
+    # machine), and then after another full hold. Never task 1: its id was never known.
+    assert current["status"] == "processing" and current["task_id"] != first["task_id"]
+    later = [t for t in await sim_tasks(sim) if t["task_id"] != first["task_id"]]
+    assert current["task_id"] in {t["task_id"] for t in later}
+    assert all(float(t["created_at"]) - float(first["created_at"]) >= HOLD_SECONDS for t in later)
 
 
 def gateway_app(upstream: str, status: int) -> tuple[FastAPI, dict[str, int]]:
@@ -195,8 +199,8 @@ async def test_gateway_502_504_on_create_is_ambiguous_and_held(
     )
 
     # A plain 5xx would be retried after RETRY_BASE_SECONDS (0.05 s here, at most 0.5 s):
-    # watch half the hold; no second create may come.
-    reads = await watch_no_new_task(sim, until=float(first["created_at"]) + HOLD_SECONDS / 2)
-    assert reads >= 5
+    # watch three quarters of the hold; no second create may come.
+    reads = await watch_no_new_task(sim, until=float(first["created_at"]) + HOLD_SECONDS * 0.75)
+    assert reads >= 3
     assert gateway["seen"]["creates"] == 1
     assert (await service.get(video["id"]))["status"] == "queued"
