@@ -13,6 +13,9 @@ import asyncio
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +34,7 @@ from app.main import create_app
 from app.migrate import upgrade
 from app.simulator import SimulatorConfig, create_simulator_app
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_HOST = os.environ.get("TEST_PG_HOST", "postgres@127.0.0.1:5432")
 T = TypeVar("T")
@@ -133,6 +137,7 @@ async def database_url(
 
 
 def free_socket() -> socket.socket:
+    """A socket bound to a free port, for a server in this process (no window for a race)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -140,14 +145,16 @@ def free_socket() -> socket.socket:
 
 
 class RunningServer:
-    """A uvicorn server on a pre-bound socket, inside the test's event loop."""
+    """A uvicorn server on a pre-bound socket, inside the test's event loop.
 
-    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+    ``log_level="info"`` turns uvicorn's access log on (for tests that read it)."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket, *, log_level: str = "warning") -> None:
         self.sock = sock
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+            app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5
         )
         self.server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None
@@ -276,12 +283,12 @@ class ServiceFactory:
         self.sim = sim
         self.running: list[Service] = []
 
-    async def start(self, **overrides: Any) -> Service:
+    async def start(self, *, log_level: str = "warning", **overrides: Any) -> Service:
         sock = free_socket()
         public = f"http://127.0.0.1:{sock.getsockname()[1]}"
         settings = make_settings(self.database_url, self.storage, self.sim.url, public, **overrides)
         app = create_app(settings)
-        server = RunningServer(app, sock)
+        server = RunningServer(app, sock, log_level=log_level)
         await server.start()
         client = httpx.AsyncClient(base_url=server.url, timeout=10)
         service = Service(settings=settings, server=server, client=client, app=app)
@@ -306,3 +313,148 @@ async def services(database_url: str, tmp_path: Path, sim: Sim) -> AsyncIterator
 async def service(services: ServiceFactory) -> Service:
     """videorelay on a real port, talking to the simulator over real HTTP."""
     return await services.start()
+
+
+# --- child processes ---------------------------------------------------------------------
+
+
+def child_env(home: Path, **settings: str) -> dict[str, str]:
+    """The whole environment of a child process, built from scratch: ``PATH``, this checkout
+    on ``PYTHONPATH`` (the child runs the code under test), ``HOME`` in the test's scratch
+    folder, and ``settings``. Nothing of the developer's environment leaks in; run the child
+    with ``cwd`` in a scratch folder too, so no ``.env`` file is read either."""
+    return {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "PYTHONPATH": str(PROJECT_ROOT),
+        "HOME": str(home),
+        **settings,
+    }
+
+
+def free_port() -> int:
+    """A port that was free a moment ago. Only for a child process that binds it itself: see
+    ``ChildServer``, which starts the child again on another port if it was taken meanwhile."""
+    with free_socket() as sock:
+        port: int = sock.getsockname()[1]
+    return port
+
+
+_BIND_FAILED = ("address already in use", "error while attempting to bind")
+
+
+class ChildServer:
+    """A real child process that serves HTTP (``videorelay serve``, ``videorelay simulator``).
+
+    ``argv(port)`` and ``env(port)`` build its command line and environment for a port. The
+    port is picked free here and bound by the child, so another process may take it in
+    between: a child that exits because it could not bind is started again on another port.
+    Its output (stdout and stderr) goes to ``log``. ``start`` blocks (run it with
+    ``asyncio.to_thread`` in a test's event loop); it returns once ``up_path`` answers, or,
+    with ``up_path=None``, once ``up_line`` appears in the output.
+    """
+
+    def __init__(
+        self,
+        argv: Callable[[int], list[str]],
+        env: Callable[[int], dict[str, str]],
+        *,
+        cwd: Path,
+        log: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        up_path: str | None = "/healthz",
+        up_line: str = "Uvicorn running on",
+    ) -> None:
+        self._argv, self._env, self.cwd, self.log = argv, env, cwd, log
+        self.host, self._fixed_port, self.up_path, self.up_line = host, port, up_path, up_line
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def output(self) -> str:
+        """What the child wrote since its last start."""
+        with self.log.open("rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode(errors="replace")
+
+    def start(self, timeout: float = 60.0) -> None:
+        for _ in range(5):
+            self.port = self._fixed_port or free_port()
+            self.log.touch()
+            self._log_start = self.log.stat().st_size
+            with self.log.open("ab") as out:  # the child keeps its own copy of the fd
+                self.proc = subprocess.Popen(
+                    self._argv(self.port),
+                    env=self._env(self.port),
+                    cwd=self.cwd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            if self._wait_up(timeout):
+                return
+            text = self.output()
+            if self._fixed_port is None and any(m in text.lower() for m in _BIND_FAILED):
+                continue  # another process took the port meanwhile: try another one
+            raise AssertionError(f"child exited with {self.proc.returncode}:\n{text[-3000:]}")
+        raise AssertionError("no free port could be bound in 5 tries")
+
+    def _wait_up(self, timeout: float) -> bool:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=5) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    return False
+                if self.up_path is None:
+                    if self.up_line in self.output():
+                        return True
+                else:
+                    try:
+                        client.get(f"{self.url}{self.up_path}")
+                    except httpx.TransportError:
+                        pass
+                    else:  # it answers; and it is our child that does (still running)
+                        return self.proc.poll() is None
+                time.sleep(0.05)
+        self.kill()
+        raise AssertionError(f"child not up after {timeout}s:\n{self.output()[-3000:]}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, timeout: float) -> int:
+        """Wait (without blocking the event loop) until the child has exited; its code."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while (code := self.proc.poll()) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"child did not exit within {timeout}s")
+            await asyncio.sleep(0.05)
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait for the exit (SIGKILL after ``timeout``); the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        code: int = self.proc.returncode
+        return code
+
+
+def videorelay(*args: str) -> Callable[[int], list[str]]:
+    """``argv`` for ``ChildServer``: ``videorelay <args>``, with ``{port}`` filled in."""
+    return lambda port: [sys.executable, "-m", "app.cli", *(a.format(port=port) for a in args)]

@@ -8,44 +8,70 @@ import contextlib
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
+from sqlalchemy import make_url
 
+from app import lifecycle
 from app.jobs.hosts import is_public_address, resolves_to_public
+from app.models import Video
 from app.security import webhook_token
-from tests.conftest import PG_ADMIN_DSN, PG_HOST, WEBHOOK_SECRET, ServiceFactory, Sim, free_socket
+from tests.conftest import (
+    PG_ADMIN_DSN,
+    PG_HOST,
+    WEBHOOK_SECRET,
+    Service,
+    ServiceFactory,
+    Sim,
+    child_env,
+    free_socket,
+)
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to Postgres; ``cut()`` drops every connection and refuses new
-    ones until ``restore()``, which is what a database restart looks like to the service."""
+    """Forwards a port of its own on 127.0.0.1 to Postgres; ``cut()`` drops every connection
+    and refuses new ones (accepted and closed at once) until ``restore()``, which is what a
+    database restart looks like to the service. The listening socket stays bound throughout,
+    so no other process can take the port in between."""
 
-    def __init__(self, target_port: int = 5432) -> None:
-        self.target_port = target_port
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
         self.sock = free_socket()
         self.port = self.sock.getsockname()[1]
         self.server: asyncio.Server | None = None
+        self.up = False
         self.writers: set[asyncio.StreamWriter] = set()
 
-    async def restore(self) -> None:
+    async def start(self) -> None:
         self.server = await asyncio.start_server(self._handle, sock=self.sock)
+        self.up = True
+
+    async def restore(self) -> None:
+        self.up = True
 
     async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
+        self.up = False
         for writer in list(self.writers):
             writer.close()
         self.writers.clear()
-        await self.server.wait_closed()
-        self.sock = socket_for(self.port)
+
+    async def close(self) -> None:
+        await self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.close()
+            return
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.close()
             return
@@ -59,15 +85,6 @@ class TcpProxy:
             dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-
-def socket_for(port: int):
-    import socket
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    return sock
 
 
 @contextlib.asynccontextmanager
@@ -95,13 +112,14 @@ async def database_outage(database_url: str) -> AsyncIterator[tuple[str, object]
 
         yield database_url, SqliteLock()
         return
-    proxy = TcpProxy()
-    await proxy.restore()
-    name = database_url.rsplit("/", 1)[1]
-    yield f"postgresql+asyncpg://{PG_HOST.split('@')[0]}@127.0.0.1:{proxy.port}/{name}", proxy
-    with contextlib.suppress(Exception):
-        await proxy.cut()
-    proxy.sock.close()
+    # The Postgres the session's database lives on (TEST_PG_HOST), wherever its port is.
+    url = make_url(database_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    await proxy.start()
+    try:
+        yield url.set(host="127.0.0.1", port=proxy.port).render_as_string(False), proxy
+    finally:
+        await proxy.close()
 
 
 class TestDatabaseOutage:
@@ -184,15 +202,41 @@ class TestStorageFailure:
         partial_dir.write_text("not a directory")  # every partial file open now fails
         try:
             video = await service.submit()
-            await asyncio.sleep(1.0)
+            # Wait until writes were really tried and failed (not merely until a second has
+            # passed): two failed attempts on record, the video still waiting for a good one.
+            row = await wait_for_row(
+                service,
+                video["id"],
+                lambda row: row.download_attempts >= 2 and row.last_error is not None,
+            )
+            assert row.status == "downloading" and "Not a directory" in (row.last_error or "")
             current = await service.get(video["id"])
             assert current["status"] == "downloading"
             assert current["sha256"] is None and current["content_url"] is None
+            assert not list(service.ctx.storage.root.glob("*/*.mp4"))
         finally:
             partial_dir.unlink()
             partial_dir.mkdir()
         done = await service.wait_for(video["id"], "ready")
         assert done["size_bytes"] > 0
+
+
+async def wait_for_row(
+    service: Service, video_id: str, condition: Callable[[Video], bool], timeout: float = 20.0
+) -> Video:
+    """Poll the video's row until ``condition`` holds (or fail at the deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with service.ctx.sessionmaker() as session:
+            row = await lifecycle.get(session, uuid.UUID(video_id))
+        assert row is not None
+        if condition(row):
+            return row
+        assert time.monotonic() < deadline, (
+            f"not reached in {timeout}s: status={row.status} "
+            f"download_attempts={row.download_attempts} last_error={row.last_error}"
+        )
+        await asyncio.sleep(0.05)
 
 
 class TestConcurrentMigrations:
@@ -204,10 +248,7 @@ class TestConcurrentMigrations:
         name = f"videorelay_mig_{uuid.uuid4().hex[:8]}"
         await admin.execute(f'CREATE DATABASE "{name}"')
         try:
-            env = {
-                "DATABASE_URL": f"postgresql+asyncpg://{PG_HOST}/{name}",
-                "PATH": "/usr/bin:/bin",
-            }
+            env = child_env(tmp_path, DATABASE_URL=f"postgresql+asyncpg://{PG_HOST}/{name}")
             procs = [
                 await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -215,6 +256,7 @@ class TestConcurrentMigrations:
                     "app.cli",
                     "migrate",
                     env=env,
+                    cwd=tmp_path,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                 )

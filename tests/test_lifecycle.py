@@ -341,7 +341,6 @@ class TestClaims:
                 session, video_id=video.id, owner="other", now=utc_now() + LEASE * 2, lease=LEASE
             )
         assert later is not None and later.lease_owner == "other"
-        original = await reload(sm, video.id)
         async with sm() as session, session.begin():
             ready = await lifecycle.mark_ready(
                 session,
@@ -352,7 +351,11 @@ class TestClaims:
                 storage_key="k",
                 now=utc_now(),
             )
-        assert ready is None and original.status == Status.downloading
+        assert ready is None
+        # Read after the attempt: the row is untouched, still the lease holder's to finish.
+        after = await reload(sm, video.id)
+        assert after.status == Status.downloading and after.lease_owner == "other"
+        assert after.sha256 is None and after.storage_key is None and after.ready_at is None
 
 
 class TestIdempotentCreate:

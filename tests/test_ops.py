@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 from alembic import command
+from sqlalchemy import text
 
+from app.db import create_engine
 from app.migrate import alembic_config, downgrade, upgrade
-from tests.conftest import ServiceFactory, free_socket
+from tests.conftest import ChildServer, ServiceFactory, child_env, videorelay
 
 
 def in_thread(fn, *args):
@@ -44,9 +46,30 @@ class TestProbes:
         try:
             ready = await service.client.get("/readyz")
             assert ready.status_code == 503
-            assert ready.json()["error"]["code"] in ("migration_pending", "database_unavailable")
+            # Downgraded to base, alembic's version table is left empty: the database answers
+            # and says it has no revision. "database_unavailable" would be the wrong advice.
+            error = ready.json()["error"]
+            assert error["code"] == "migration_pending"
+            assert "videorelay migrate" in error["message"]
         finally:
             await in_thread(upgrade, database_url)
+
+    async def test_readyz_says_unavailable_when_the_database_cannot_be_read(
+        self, services: ServiceFactory, database_url: str
+    ):
+        service = await services.start()
+        engine = create_engine(database_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE alembic_version RENAME TO alembic_gone"))
+            ready = await service.client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["error"]["code"] == "database_unavailable"
+        finally:
+            async with engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE alembic_gone RENAME TO alembic_version"))
+            await engine.dispose()
+        assert (await service.client.get("/readyz")).status_code == 200
 
     async def test_openapi_documents_every_route(self, services: ServiceFactory):
         service = await services.start()
@@ -81,12 +104,12 @@ class TestProbes:
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HIAPI_", "WEBHOOK_"))}
+    """``videorelay <args>`` in a scratch folder, with an environment built from scratch."""
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *args],
-        env={**clean, **(env or {})},
+        env=child_env(cwd, **(env or {})),
         capture_output=True,
         text=True,
         timeout=60,
@@ -115,44 +138,32 @@ class TestCli:
 
 async def test_serve_simulate_turns_an_image_into_a_playable_mp4(tmp_path: Path):
     """The README's first command, as a newcomer runs it: no key, embedded simulator."""
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("HIAPI_", "WEBHOOK_", "DATABASE_"))
-    }
-    proc = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-m", "app.cli", "serve", "--simulate", "--port", str(port)],
+    child = ChildServer(
+        videorelay("serve", "--simulate", "--port", "{port}"),
+        lambda port: child_env(tmp_path),
         cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        log=tmp_path / "serve.log",
     )
+    await asyncio.to_thread(child.start)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            for _ in range(200):
-                try:
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=child.url, timeout=10) as client:
             video = (
                 await client.post(
                     "/v1/videos", json={"image_url": "https://example.invalid/a.jpg", "duration": 3}
                 )
             ).json()
-            for _ in range(300):
-                current = (await client.get(f"/v1/videos/{video['id']}")).json()
-                if current["status"] in ("ready", "failed"):
-                    break
+            deadline = time.monotonic() + 30
+            while (current := (await client.get(f"/v1/videos/{video['id']}")).json())[
+                "status"
+            ] not in ("ready", "failed"):
+                assert time.monotonic() < deadline, current
                 await asyncio.sleep(0.05)
             assert current["status"] == "ready", current
             content = await client.get(f"/v1/videos/{video['id']}/content")
             assert content.status_code == 200 and content.content[4:8] == b"ftyp"
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=20)
+        child.terminate()
+    out = child.output()
     assert "videorelay is running" in out and "curl" in out
     # hiapi's callback was logged by the access log, with its token masked.
     callbacks = re.findall(r"/webhooks/hiapi/\S+", out)

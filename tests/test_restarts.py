@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,74 +16,45 @@ from sqlalchemy import select
 
 from app.db import create_engine, create_sessionmaker
 from app.models import Video
-from tests.conftest import HIAPI_KEY, WEBHOOK_SECRET, Sim, free_socket
-
-
-class ServeProcess:
-    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
-        self.env, self.port, self.log = env, port, log
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        with self.log.open("ab") as out:  # the child keeps its own copy of the fd
-            self.proc = subprocess.Popen(  # noqa: ASYNC220 - a long-lived child, not awaited
-                [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port)],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        async with httpx.AsyncClient() as client:
-            for _ in range(200):
-                try:
-                    if (await client.get(f"{self.url}/healthz")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"serve did not start: {self.log.read_text()}")
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def wait_exit(self, timeout: float) -> float:
-        assert self.proc is not None
-        start = time.monotonic()
-        while self.proc.poll() is None:
-            if time.monotonic() - start > timeout:
-                raise AssertionError("process did not exit in time")
-            await asyncio.sleep(0.05)
-        return time.monotonic() - start
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+from tests.conftest import HIAPI_KEY, WEBHOOK_SECRET, ChildServer, Sim, child_env, videorelay
 
 
 @pytest.fixture
 async def slow_env(database_url: str, tmp_path: Path, sim: Sim) -> dict[str, Any]:
     # ~8 MB served at 2 MB/s: the download takes seconds, long enough to interrupt it.
     sim.set(pad_bytes=8_000_000, download_bytes_per_second=2_000_000)
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "STORAGE_DIR": str(tmp_path / "videos"),
-        "HIAPI_KEY": HIAPI_KEY,
-        "HIAPI_BASE_URL": sim.url,
-        "WEBHOOK_SECRET": WEBHOOK_SECRET,
-        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
-        "DOWNLOAD_ALLOWED_HOSTS": sim.url,
-        "DOWNLOAD_LEASE_SECONDS": "2",
-        "RECONCILE_INTERVAL_SECONDS": "0.2",
-        "RETRY_BASE_SECONDS": "0.1",
-        "SHUTDOWN_GRACE_SECONDS": "2",
-    }
-    return {"env": env, "port": port, "storage": tmp_path / "videos", "log": tmp_path / "serve.log"}
+    work = tmp_path / "work"  # the child's working folder: no .env of the developer's
+    work.mkdir()
+
+    def env(port: int) -> dict[str, str]:
+        return child_env(
+            work,
+            DATABASE_URL=database_url,
+            STORAGE_DIR=str(tmp_path / "videos"),
+            HIAPI_KEY=HIAPI_KEY,
+            HIAPI_BASE_URL=sim.url,
+            WEBHOOK_SECRET=WEBHOOK_SECRET,
+            PUBLIC_BASE_URL=f"http://127.0.0.1:{port}",
+            DOWNLOAD_ALLOWED_HOSTS=sim.url,
+            DOWNLOAD_LEASE_SECONDS="2",
+            RECONCILE_INTERVAL_SECONDS="0.2",
+            RETRY_BASE_SECONDS="0.1",
+            SHUTDOWN_GRACE_SECONDS="2",
+        )
+
+    return {"env": env, "cwd": work, "storage": tmp_path / "videos", "log": tmp_path / "serve.log"}
+
+
+async def serve(slow_env: dict[str, Any]) -> ChildServer:
+    """A real `videorelay serve`, on a port of its own (a restart gets a new one)."""
+    child = ChildServer(
+        videorelay("serve", "--port", "{port}"),
+        slow_env["env"],
+        cwd=slow_env["cwd"],
+        log=slow_env["log"],
+    )
+    await asyncio.to_thread(child.start)
+    return child
 
 
 async def read_row(database_url: str, video_id: str) -> Video:
@@ -100,7 +68,7 @@ async def read_row(database_url: str, video_id: str) -> Video:
         await engine.dispose()
 
 
-async def submit_and_wait_for_partial(proc: ServeProcess, storage: Path) -> dict[str, Any]:
+async def submit_and_wait_for_partial(proc: ChildServer, storage: Path) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=proc.url) as client:
         video = (
             await client.post("/v1/videos", json={"image_url": "https://example.invalid/a.jpg"})
@@ -140,25 +108,23 @@ class TestCrashDuringDownload:
         self, slow_env: dict[str, Any], sim: Sim, database_url: str
     ):
         storage: Path = slow_env["storage"]
-        first = ServeProcess(slow_env["env"], slow_env["port"], slow_env["log"])
-        await first.start()
+        first = await serve(slow_env)
         try:
             video = await submit_and_wait_for_partial(first, storage)
             first.signal(signal.SIGKILL)
-            await first.wait_exit(5)
+            await first.wait_exit(30)
         finally:
-            first.stop()
+            first.kill()
         row = await read_row(database_url, video["id"])
         assert row.status == "downloading" and row.lease_owner is not None  # the lease is orphaned
         assert list((storage / ".partial").glob("*.part"))  # the crash left a partial file
 
         sim.set(download_bytes_per_second=None)
-        second = ServeProcess(slow_env["env"], slow_env["port"], slow_env["log"])
-        await second.start()
+        second = await serve(slow_env)
         try:
             done = await wait_ready(second.url, video["id"])
         finally:
-            second.stop()
+            second.kill()
         assert done["status"] == "ready", done
         assert done["sha256"] == await expected_sha256(sim, video["task_id"])
         assert not list((storage / ".partial").glob("*")), "partial files left behind"
@@ -171,26 +137,26 @@ class TestGracefulShutdown:
         self, slow_env: dict[str, Any], sim: Sim, database_url: str
     ):
         storage: Path = slow_env["storage"]
-        first = ServeProcess(slow_env["env"], slow_env["port"], slow_env["log"])
-        await first.start()
+        first = await serve(slow_env)
         try:
             video = await submit_and_wait_for_partial(first, storage)
             first.signal(signal.SIGTERM)
-            took = await first.wait_exit(10)
+            # How long the shutdown takes is the bench's business; here: it ends by itself,
+            # before the download (4 s of transfer) could have finished, and gives it back.
+            await first.wait_exit(60)
         finally:
-            first.stop()
-        assert took < 7, f"shutdown took {took:.1f}s"
+            first.kill()
+        assert "download.stopped reason=shutdown" in first.output()
         row = await read_row(database_url, video["id"])
         assert row.status == "downloading"
         assert row.lease_owner is None  # given back, not left to expire
         assert not list((storage / ".partial").glob("*.part"))
 
         sim.set(download_bytes_per_second=None)
-        second = ServeProcess(slow_env["env"], slow_env["port"], slow_env["log"])
-        await second.start()
+        second = await serve(slow_env)
         try:
             done = await wait_ready(second.url, video["id"])
         finally:
-            second.stop()
+            second.kill()
         assert done["status"] == "ready"
         assert done["sha256"] == await expected_sha256(sim, video["task_id"])
