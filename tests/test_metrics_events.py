@@ -159,11 +159,11 @@ class TestMetricsThroughServe:
             assert_json_error(await client.get(f"{metrics_url}/v1/videos"), 404, "not_found")
             assert (await client.get(f"{proc.url}/healthz")).status_code == 200
 
+    # The worker split does not depend on the database: SQLite only.
+    @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
     async def test_metrics_port_and_token_with_workers_served_by_one_of_them(
         self, serve_env: dict[str, Any], database_url: str
     ):
-        if not database_url.startswith("sqlite"):
-            pytest.skip("the worker split does not depend on the database")
         port = free_port()
         metrics_url = f"http://127.0.0.1:{port}/metrics"
         async with (
