@@ -40,9 +40,15 @@ public_router = APIRouter(tags=["images"])
             "model": ErrorOut,
             "description": "Image larger than IMAGE_MAX_BYTES. The body is capped while it "
             "streams (IMAGE_MAX_BYTES plus the multipart framing), so an oversized upload is "
-            "refused as soon as the cap is passed, or at once if Content-Length says so.",
+            "refused as soon as the cap is passed, or at once if Content-Length says so "
+            "(`too_large`). Also `image_too_large`: more than 40 million pixels, or compressed "
+            "data that inflates beyond what the image's dimensions need (a decompression bomb).",
         },
-        415: {"model": ErrorOut, "description": "Not a JPEG, PNG or WebP image."},
+        415: {
+            "model": ErrorOut,
+            "description": "Not a JPEG, PNG or WebP image, or truncated, corrupt or animated "
+            "(`unsupported_image`). Nothing is stored.",
+        },
         422: {"model": ErrorOut, "description": "No `file` part in the form."},
     },
 )
