@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
@@ -26,6 +28,14 @@ async def db_video(service: Service, video_id: str) -> Video:
         return (
             await session.execute(select(Video).where(Video.id == uuid.UUID(video_id)))
         ).scalar_one()
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, f"not reached in {timeout}s: {what}"
+        await asyncio.sleep(0.02)
 
 
 def callback_path(video_id: str) -> str:
@@ -155,8 +165,9 @@ class TestUpstreamErrors:
         assert body["video"]["status"] == "failed"
         assert body["video"]["error"]["code"] == "permission_denied"
         assert "cannot use the selected model" in body["video"]["error"]["message"]
-        # Never retried: the reconciler leaves failed videos alone.
-        await asyncio.sleep(0.5)
+        # Never retried: reconciler ticks (run here, so they surely ran) leave it alone.
+        for _ in range(3):
+            await service.ctx.reconciler.tick()
         assert (await sim.stats())["create_requests"] == 1
         assert "sk-test-key" not in response.text
 
@@ -165,9 +176,12 @@ class TestUpstreamErrors:
         video = await service.submit()
         assert video["status"] == "queued"
         assert video["task_id"] is None
-        await asyncio.sleep(0.4)
+
+        async def retried() -> bool:
+            return (await sim.stats())["create_5xx"] >= 2  # retried with backoff
+
+        await until(retried, "a second create answered 503")
         assert (await service.get(video["id"]))["status"] == "queued"
-        assert (await sim.stats())["create_5xx"] >= 2  # retried with backoff
         sim.set(error_5xx_rate=0.0)
         done = await service.wait_for(video["id"], "ready")
         assert done["task_id"] is not None
@@ -307,9 +321,15 @@ class TestWebhook:
         videos = [await service.submit() for _ in range(3)]
         for video in videos:
             await service.wait_for(video["id"], "ready")
-        await asyncio.sleep(0.3)  # let late copies land
+
+        async def every_copy_answered() -> bool:
+            tasks = (await sim.client.get("/_sim/tasks")).json()["tasks"]
+            copies = sum(t["fate"]["callback_copies"] for t in tasks)
+            return (await sim.stats())["callbacks_delivered"] == copies
+
+        await until(every_copy_answered, "every callback copy answered 2xx")
         stats = await sim.stats()
-        assert stats["callbacks_sent"] >= 6
+        assert stats["callbacks_delivered"] >= 6
         assert stats["file_requests"] == 3
 
     async def test_concurrent_identical_callbacks_start_exactly_one_download(
@@ -340,8 +360,12 @@ class TestReconciler:
         sim.set(callback_drop_rate=1.0)
         service = await services.start(RECONCILE_AFTER_SECONDS=1.5)
         video = await service.submit()
-        await asyncio.sleep(0.5)
-        assert (await service.get(video["id"]))["status"] == "processing"  # not polled too early
+        row = await db_video(service, video["id"])
+        assert row.submitted_at is not None
+        assert (row.due_at - row.submitted_at).total_seconds() >= 1.5  # first poll's time
+        for _ in range(2):  # ticks run here and now, well before that time: no poll yet
+            await service.ctx.reconciler.tick()
+        assert (await service.get(video["id"]))["status"] == "processing"
         assert (await sim.stats())["polls"] == 0
         done = await service.wait_for(video["id"], "ready")
         row = await db_video(service, video["id"])
@@ -354,9 +378,12 @@ class TestReconciler:
         service = await services.start(RECONCILE_AFTER_SECONDS=0.2)
         video = await service.submit()
         sim.set(error_5xx_rate=1.0)
-        await asyncio.sleep(1.0)
+
+        async def poll_failed() -> bool:
+            return service.ctx.reconciler.totals.poll_errors >= 1
+
+        await until(poll_failed, "a poll answered 503")
         assert (await service.get(video["id"]))["status"] == "processing"
-        assert service.ctx.reconciler.totals.poll_errors >= 1
         sim.set(error_5xx_rate=0.0)
         await service.wait_for(video["id"], "ready")
 
@@ -383,7 +410,7 @@ class TestDownloadQueue:
         videos = [await front.submit() for _ in range(3)]
         for video in videos:
             await front.wait_for(video["id"], "downloading")
-        await asyncio.sleep(0.3)
+        await front.ctx.reconciler.tick()  # a tick of its own claims nothing either
         for video in videos:
             row = await db_video(front, video["id"])
             assert row.status == "downloading" and row.lease_owner is None
@@ -489,10 +516,13 @@ class TestDownloadFailures:
         good_url = task["output"][0]["url"]
         task["output"][0]["url"] = good_url.replace(".mp4", "missing.mp4")
         await service.client.post(callback_path(video["id"]), json=task)
-        await asyncio.sleep(0.5)
+
+        async def retried() -> bool:
+            return (await db_video(service, video["id"])).download_attempts >= 2
+
+        await until(retried, "a second download attempt")
         row = await db_video(service, video["id"])
         assert row.status == "downloading"
-        assert row.download_attempts >= 2
         assert "404" in (row.last_error or "")
 
 
