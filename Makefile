@@ -1,5 +1,5 @@
 # Shortcuts; each target runs the same command the README documents.
-.PHONY: run test chaos bench
+.PHONY: run test chaos bench mutate
 
 run:
 	./scripts/run
@@ -12,3 +12,7 @@ chaos:
 
 bench:
 	./.venv/bin/videorelay bench
+
+# Mutation testing (slow, not in CI): scores per module in artifacts/mutation-report.md.
+mutate:
+	./scripts/mutate

@@ -1,0 +1,1 @@
+"""Tests that kill mutants `make mutate` found surviving (docs/mutants.md)."""
