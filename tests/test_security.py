@@ -69,9 +69,24 @@ class TestApiKeys:
         self, services: ServiceFactory, sim: Sim, caplog: pytest.LogCaptureFixture
     ):
         caplog.set_level(logging.DEBUG)
-        service = await services.start(API_KEYS=KEYS)
-        await service.client.post("/v1/videos", json=BODY, headers=auth(ALICE))
-        await service.client.post("/v1/videos", json=BODY, headers=auth("bad-key-0123456789abcdef"))
+        # uvicorn's access log is on (INFO) and read directly: its log config (applied when
+        # the server is made) keeps it from propagating to the root logger caplog listens on.
+        service = await services.start(API_KEYS=KEYS, log_level="info")
+        access = logging.getLogger("uvicorn.access")
+        access.addHandler(caplog.handler)
+        try:
+            ok = await service.client.post("/v1/videos", json=BODY, headers=auth(ALICE))
+            bad = await service.client.post(
+                "/v1/videos", json=BODY, headers=auth("bad-key-0123456789abcdef")
+            )
+            await service.client.get("/v1/videos", headers=auth(ALICE))
+        finally:
+            access.removeHandler(caplog.handler)
+        assert (ok.status_code, bad.status_code) == (202, 401)
+        # The test sees the access log (and every other line) it checks for keys.
+        lines = [r for r in caplog.records if r.name == "uvicorn.access"]
+        assert any("POST /v1/videos" in r.getMessage() and "202" in r.getMessage() for r in lines)
+        assert any("401" in r.getMessage() for r in lines)
         text = "\n".join(r.getMessage() for r in caplog.records)
         assert ALICE not in text and "bad-key-0123456789abcdef" not in text
 
