@@ -66,6 +66,23 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+# --- the developer's environment ---------------------------------------------------------
+
+# Every variable the service reads: Settings' fields, and serve's HOST and PORT defaults.
+_OUR_VARIABLES = frozenset({*Settings.model_fields, "HOST", "PORT"})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _without_the_developers_settings() -> Iterator[None]:
+    """Settings exported in the developer's shell (``API_KEYS``, ``LOG_LEVEL``, ...) would
+    reach every in-process service (``make_settings`` passes only some fields) and every
+    child that copies ``os.environ``: the test run goes without them."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in _OUR_VARIABLES & set(os.environ):
+            patch.delenv(name)
+        yield
+
+
 # --- databases ---------------------------------------------------------------------------
 
 
