@@ -65,7 +65,6 @@ class AppContext:
     outputs: OutputCheck  # vets hiapi's output URL before a report is applied
     metrics: MetricsEndpoint
     event_streams: StreamSlots = field(default_factory=StreamSlots)
-    shutting_down: bool = False
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     def callback_url(self, video_id: uuid.UUID) -> str:

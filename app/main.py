@@ -99,7 +99,6 @@ def create_app(
             try:
                 yield
             finally:
-                ctx.shutting_down = True
                 await ctx.callbacks.drain()  # callbacks already received are written
                 await ctx.runner.shutdown(settings.SHUTDOWN_GRACE_SECONDS)
                 for task in ctx.background:

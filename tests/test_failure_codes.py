@@ -5,8 +5,9 @@ signed callback URL, as hiapi sends it), the reconciler's poll of a real hiapi-l
 and the downloader fetching from a real file server on 127.0.0.1. Nothing is seeded by
 calling lifecycle functions; what is asserted is the JSON a user sees. SQLite and Postgres.
 
-``shutting_down`` (``/readyz``) is not here: uvicorn stops listening and finishes every open
-request before the lifespan's shutdown sets the flag, so no request can see it.
+(``/readyz`` once had a ``shutting_down`` answer that no request could see: uvicorn stops
+listening before the lifespan's shutdown begins. It is gone; tests/test_settings_serve.py
+checks that SIGTERM stops the service taking connections.)
 """
 
 from __future__ import annotations
