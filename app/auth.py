@@ -2,18 +2,22 @@
 
 Keys come from ``API_KEYS`` (``name:key`` pairs, comma-separated; a bare key is named
 ``key1``, ``key2``, ...) and/or ``API_KEYS_FILE`` (one ``name key`` or ``name:key`` per line,
-``#`` comments). With no keys at all the API is open and every video belongs to ``""``.
+``#`` starts a comment, on its own line or after an entry). With no keys at all the API is
+open and every video belongs to ``""``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from pathlib import Path
 
 __all__ = ["ApiKeys", "ApiKeysError"]
 
 OPEN_OWNER = ""
+_COMMENT = re.compile(r"(^|\s)#.*$")
+_SEPARATOR = re.compile(r"[:\s]")
 
 
 class ApiKeysError(ValueError):
@@ -44,9 +48,10 @@ class ApiKeys:
                 lines = file.read_text().splitlines()
             except OSError as exc:
                 raise ApiKeysError(f"API_KEYS_FILE cannot be read: {exc.strerror}") from None
-            entries += [
-                ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")
-            ]
+            # A comment runs from "#" at the start of a line, or after white space, to its end
+            # (a "#" inside a key is part of the key).
+            stripped = (_COMMENT.sub("", ln).strip() for ln in lines)
+            entries += [ln for ln in stripped if ln]
         for index, entry in enumerate(entries, start=1):
             name, key = _split(entry, index)
             if len(key) < 16:
@@ -71,10 +76,11 @@ class ApiKeys:
 
 
 def _split(entry: str, index: int) -> tuple[str, str]:
-    for sep in (":", " ", "\t"):
-        if sep in entry:
-            name, key = entry.split(sep, 1)
-            name, key = name.strip(), key.strip()
-            if name and key:
-                return name, key
+    """``name:key``, ``name key`` or a bare key: the first separator splits, so a key may
+    contain ``:`` after a space-separated name."""
+    found = _SEPARATOR.search(entry)
+    if found is not None:
+        name, key = entry[: found.start()].strip(), entry[found.end() :].strip()
+        if name and key:
+            return name, key
     return f"key{index}", entry
