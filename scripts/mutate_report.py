@@ -3,7 +3,7 @@
 mutmut keeps one ``mutants/<path>.meta`` JSON file per mutated module, mapping each mutant's
 name to the exit code of the test run against it; the mapping to a status is mutmut's own.
 Score = killed / (all mutants that were checked); a mutant no selected test reaches counts as
-not killed.
+not killed; a time-out counts as killed (a caller left waiting forever is a failure).
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ from pathlib import Path
 
 from mutmut.stats import status_by_exit_code
 
-KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+KILLED = {"killed", "timeout", "crashed", "caught by type check", "segfault"}
+# mutmut files exit code 255 under "timeout"; with process_isolation = "forkserver" it is a
+# test run that died (e.g. a service that cannot start leaves sockets pytest turns into an
+# error at exit). The tests did not pass: a kill, but shown apart.
+CRASHED = 255
 
 
 def main() -> int:
@@ -31,7 +35,7 @@ def main() -> int:
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         counts: dict[str, int] = {}
         for name, code in sorted(codes.items()):
-            status = status_by_exit_code[code]
+            status = "crashed" if code == CRASHED else status_by_exit_code[code]
             counts[status] = counts.get(status, 0) + 1
             if status not in KILLED and status != "not checked":
                 survivors.append(f"- `{name}`: {status}")

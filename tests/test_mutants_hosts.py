@@ -27,7 +27,9 @@ class Answers(AbstractResolver):
         self.families: list[Any] = []
         self.closed = False
 
-    async def resolve(self, host: str, port: int = 0, family: Any = 0) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: Any = socket.AF_INET
+    ) -> list[ResolveResult]:  # aiohttp's resolvers default to IPv4 only
         self.families.append(family)
         return [
             ResolveResult(
