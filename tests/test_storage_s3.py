@@ -1,8 +1,9 @@
 """S3 storage against a real S3 API: moto's server mode (``ThreadedMotoServer``) on 127.0.0.1.
 
-moto runs in a child process of its own, so that its memory (it joins a multipart upload's
-parts in memory when the upload completes) is not counted in the flat-memory measurement of
-the service, which runs in this process. Each test gets a fresh bucket.
+moto runs in a child process of its own (its own environment, a scratch working folder), so
+that its memory (it joins a multipart upload's parts in memory when the upload completes) is
+not counted in the flat-memory measurement of the service, which runs in this process. Each
+test gets a fresh bucket.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from app.models import Video
 from app.security import webhook_token
 from app.storage import LocalStorage, Storage, parse_storage_url
 from app.storage.s3 import PART_SIZE, S3Storage
-from tests.conftest import WEBHOOK_SECRET, Service, ServiceFactory, Sim
+from tests.conftest import WEBHOOK_SECRET, Service, ServiceFactory, Sim, child_env
 
 MiB = 1024 * 1024
 PREFIX = "clips/v1"
@@ -59,14 +60,16 @@ server.stop()
 
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    scratch = tmp_path_factory.mktemp("moto")
+    log = scratch / "moto.log"
     with log.open("wb") as err:  # the child keeps its own copy of the fd
         proc = subprocess.Popen(
             [sys.executable, "-c", _MOTO_CHILD],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            env=child_env(scratch, PYTHONWARNINGS="ignore"),
+            cwd=scratch,
         )
     assert proc.stdout is not None and proc.stdin is not None
     try:
@@ -323,10 +326,12 @@ class CuttableProxy:
 
 
 class PeakMemory:
-    """Peak RSS growth of this process (and tracemalloc's peak) over a block of code.
+    """tracemalloc's peak (and the peak RSS growth of this process) over a block of code.
 
-    The RSS figure counts everything in the process: the service, the simulator serving the
-    file, the HTTP clients. tracemalloc's peak counts Python allocations only.
+    tracemalloc's peak counts Python allocations only (every buffer of the clip is a bytes
+    object), whatever else the machine runs: the test asserts on it. The RSS figure counts
+    everything in the process (the service, the simulator serving the file, the HTTP clients,
+    the allocator's arenas): it is reported, not asserted.
 
     ``VmHWM`` is reset through ``/proc/self/clear_refs`` where allowed; a thread also samples
     ``VmRSS`` every 5 ms, so the figure holds where the reset is not permitted.
@@ -682,7 +687,11 @@ class TestLargeFile:
         record_property("rss_growth_mib", round(memory.growth_mib, 1))
         record_property("tracemalloc_peak_mib", round(memory.traced_mib, 1))
         record_property("seconds", round(took, 1))
-        assert memory.growth_mib < 64, f"RSS grew {memory.growth_mib:.1f} MiB"
+        # The streaming property, measured on what this code allocates (every bytes object it
+        # holds is traced): the clip never sits in memory whole, nor any large part of it. The
+        # whole-process RSS growth is reported above but not asserted: it also counts the
+        # allocator's and the kernel's view of a loaded machine; the bench's download scenario
+        # holds the RSS figure (TARGET_RSS_GROWTH_MIB).
         assert memory.traced_mib < 64, f"tracemalloc peak {memory.traced_mib:.1f} MiB"
 
         name = bucket.object_name(video["id"])
