@@ -81,6 +81,21 @@ class Sim:
         await asyncio.wait_for(self.state.tasks[task_id].finished.wait(), limit_s)
         return await self.task(task_id)
 
+    async def callbacks_done(self, task_id: str) -> None:
+        """Wait until the task's callback deliveries have all ended (sent, retried, given up
+        or dropped): the stats hold their final figures."""
+        task = self.state.tasks[task_id]
+        stats = self.state.stats
+        await until(lambda: task.callback_delivered or stats.callbacks_dropped > 0, "callbacks")
+
+
+async def until(condition: Callable[[], bool], what: str, limit_s: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``limit_s`` (which only bounds a hang)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not reached in {limit_s}s"
+        await asyncio.sleep(0.01)
+
 
 def create_body(*, callback: str | None = None, **input_changes: Any) -> dict[str, Any]:
     task_input: dict[str, Any] = {
@@ -420,9 +435,9 @@ async def test_fail_rate_one_fails_every_task() -> None:
 
 
 async def test_force_complete_overrides_latency_and_fate() -> None:
-    async with running_sim(latency_seconds=60) as sim:
+    # Latency 60 s: answered within the 30 s deadline, the forced tasks skipped it.
+    async with running_sim(latency_seconds=60) as sim, asyncio.timeout(30):
         task_id = await sim.create()
-        started = time.monotonic()
         forced = await sim.http.post(f"/_sim/tasks/{task_id}/complete?outcome=fail")
         assert forced.json()["data"]["status"] == "fail"
         other = await sim.create()
@@ -430,7 +445,6 @@ async def test_force_complete_overrides_latency_and_fate() -> None:
         assert completed.json()["data"]["status"] == "success"
         assert (await sim.task(other))["output"]
         missing = await sim.http.post("/_sim/tasks/tk-sim-nope/complete")
-    assert time.monotonic() - started < 5
     assert missing.status_code == 404
 
 
@@ -486,18 +500,21 @@ async def test_create_timeout_creates_the_task_but_answers_late() -> None:
 
 
 async def test_url_expires_after_ttl() -> None:
-    async with running_sim(url_ttl_seconds=0.3) as sim:
+    async with running_sim(url_ttl_seconds=1.0) as sim:
         done = await sim.wait_terminal(await sim.create())
         url = done["output"][0]["url"]
         fresh = await sim.http.get(url)
-        await asyncio.sleep(0.35)
-        expired = await sim.http.get(url)
+        started, requests = time.monotonic(), 1
+        while (expired := await sim.http.get(url)).status_code == 200:  # until the TTL passes
+            requests += 1
+            assert time.monotonic() - started < 10, "the URL never expired"
+            await asyncio.sleep(0.05)
         unknown = await sim.http.get("/files/0123abcd.mp4")
         stats = await sim.stats()
     assert fresh.status_code == 200
     assert (expired.status_code, expired.json()) == (404, {"error": "expired"})
     assert unknown.status_code == 404
-    assert stats["file_requests"] == 3
+    assert stats["file_requests"] == requests + 2
 
 
 async def test_pad_bytes_appends_a_free_box_and_stays_decodable() -> None:
@@ -536,7 +553,7 @@ async def test_callback_posts_the_task_object(receiver: Receiver, envelope: str)
         task_id = await sim.create(callback=receiver.url)
         (body,) = await receiver.wait_for(1)
         polled = await sim.task(task_id)
-        await asyncio.sleep(0.05)
+        await sim.callbacks_done(task_id)
         stats = await sim.stats()
     if envelope == "wrapped":
         assert body == {"code": 200, "data": polled, "message": "success"}
@@ -549,9 +566,11 @@ async def test_callback_posts_the_task_object(receiver: Receiver, envelope: str)
 async def test_duplicate_rate_one_sends_two_or_three_callbacks(receiver: Receiver) -> None:
     async with running_sim(duplicate_rate=1.0, callback_envelope="random") as sim:
         task_id = await sim.create(callback=receiver.url)
+        copies = sim.state.tasks[task_id].fate.callback_copies
         await receiver.wait_for(2)
-        await asyncio.sleep(0.1)
-    assert 2 <= len(receiver.bodies) <= 3
+        await sim.callbacks_done(task_id)
+    assert 2 <= copies <= 3
+    assert len(receiver.bodies) == copies
     assert {parse_task_payload(body).taskId for body in receiver.bodies} == {task_id}
 
 
@@ -559,7 +578,7 @@ async def test_drop_rate_one_sends_no_callback(receiver: Receiver) -> None:
     async with running_sim(callback_drop_rate=1.0) as sim:
         task_id = await sim.create(callback=receiver.url)
         await sim.wait_terminal(task_id)
-        await asyncio.sleep(0.1)
+        await sim.callbacks_done(task_id)
         stats = await sim.stats()
     assert receiver.bodies == []
     assert stats["callbacks_sent"] == 0
@@ -578,9 +597,9 @@ async def test_failed_task_callback_carries_the_error(receiver: Receiver) -> Non
 async def test_callback_is_retried_after_non_2xx(receiver: Receiver) -> None:
     receiver.plan = [500, 502]
     async with running_sim(callback_retries=3) as sim:
-        await sim.create(callback=receiver.url)
+        task_id = await sim.create(callback=receiver.url)
         await receiver.wait_for(3)
-        await asyncio.sleep(0.1)
+        await sim.callbacks_done(task_id)
         stats = await sim.stats()
     assert len(receiver.bodies) == 3
     assert stats["callbacks_sent"] == 3
@@ -596,10 +615,7 @@ async def test_callback_gives_up_after_retries_on_connection_errors() -> None:
     async with running_sim(callback_retries=2) as sim:
         task_id = await sim.create(callback=dead_url)
         await sim.wait_terminal(task_id)
-        for _ in range(200):
-            if (await sim.stats())["callback_failures"] >= 3:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: sim.state.stats.callback_failures >= 3, "three failed attempts")
         stats = await sim.stats()
     assert stats["callbacks_sent"] == 3
     assert stats["callback_failures"] == 3
@@ -691,17 +707,15 @@ def test_config_from_env() -> None:
 # -- rendering -----------------------------------------------------------------------------
 
 
-def test_render_is_a_small_fast_h264_mp4() -> None:
+def test_render_is_a_small_h264_mp4() -> None:
+    # How fast it renders (~0.1 s) is a figure for the bench, not a test threshold.
     render.clear_cache()
-    started = time.perf_counter()
     clip = render.render_mp4(None, resolution="1080p", duration=5)
-    elapsed = time.perf_counter() - started
     assert clip[4:8] == b"ftyp"
     assert decode_frames(clip) == (5 * render.FPS, 320, 180)
     with av.open(io.BytesIO(clip), mode="r") as container:
         codec = container.streams.video[0].codec_context
         assert (codec.name, codec.pix_fmt) == ("h264", "yuv420p")
-    assert elapsed < 1.0  # typically ~0.1 s; generous to stay robust on a loaded machine
 
 
 def test_render_follows_aspect_ratio_and_survives_garbage() -> None:
