@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from app.logging import bind, configure_logging
-from tests.conftest import ServiceFactory, Sim
+from tests.conftest import ServiceFactory, Sim, child_env
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -60,11 +60,13 @@ class TestMetrics:
         assert "videorelay_oldest_in_flight_seconds" in text
 
 
-def admin(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": database_url}
+def admin(home: Path, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``videorelay admin <args>`` as an operator runs it: in a folder of its own, with only
+    DATABASE_URL set."""
     return subprocess.run(
         [sys.executable, "-m", "app.cli", "admin", *args],
-        env=env,
+        env=child_env(home, DATABASE_URL=database_url),
+        cwd=home,
         capture_output=True,
         text=True,
         timeout=60,
@@ -73,24 +75,31 @@ def admin(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 class TestAdmin:
     async def test_stuck_list_and_repoll_recovers_a_lost_callback_now(
-        self, services: ServiceFactory, sim: Sim, database_url: str
+        self, services: ServiceFactory, sim: Sim, database_url: str, tmp_path: Path
     ):
         sim.set(callback_drop_rate=1.0)
         service = await services.start()  # RECONCILE_AFTER_SECONDS is 600 here
         video = await service.submit()
-        await asyncio.sleep(0.5)
-        listed = await asyncio.to_thread(admin, database_url, "stuck", "--older-than", "0")
+        # Stuck: processing, and its task finished upstream with the callback lost.
+        await service.wait_for(video["id"], "processing")
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await sim.stats())["callbacks_dropped"] < 1:
+            assert asyncio.get_running_loop().time() < deadline, "the task never finished"
+            await asyncio.sleep(0.05)
+        listed = await asyncio.to_thread(
+            admin, tmp_path, database_url, "stuck", "--older-than", "0"
+        )
         assert listed.returncode == 0, listed.stderr
         assert video["id"] in listed.stdout and "1 stuck video(s)" in listed.stdout
-        repoll = await asyncio.to_thread(admin, database_url, "repoll", video["id"])
+        repoll = await asyncio.to_thread(admin, tmp_path, database_url, "repoll", video["id"])
         assert repoll.returncode == 0, repoll.stdout + repoll.stderr
         done = await service.wait_for(video["id"], "ready", timeout=15)
         assert done["sha256"]
-        again = await asyncio.to_thread(admin, database_url, "repoll", video["id"])
+        again = await asyncio.to_thread(admin, tmp_path, database_url, "repoll", video["id"])
         assert again.returncode == 1 and "processing videos only" in again.stdout
 
     async def test_retry_reruns_a_failed_download(
-        self, services: ServiceFactory, sim: Sim, database_url: str
+        self, services: ServiceFactory, sim: Sim, database_url: str, tmp_path: Path
     ):
         sim.set(pad_bytes=2_000_000)
         service = await services.start(MAX_VIDEO_BYTES=1_000_000)
@@ -98,7 +107,7 @@ class TestAdmin:
         failed = await service.wait_for(video["id"], "failed")
         assert failed["error"]["code"] == "too_large"
         sim.set(pad_bytes=0)  # the operator fixed the cause (here: the clip is smaller now)
-        retried = await asyncio.to_thread(admin, database_url, "retry", video["id"])
+        retried = await asyncio.to_thread(admin, tmp_path, database_url, "retry", video["id"])
         assert retried.returncode == 0, retried.stdout + retried.stderr
         done = await service.wait_for(video["id"], "ready", timeout=15)
         assert done["error"] is None
