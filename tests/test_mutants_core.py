@@ -108,14 +108,19 @@ async def test_a_conflict_is_retried_one_by_one_and_fails_alone(sm, caplog):
     table = Table()
     committer = GroupCommit(sm, table.apply, key=lambda i: i, name="mut-conflict")
     with caplog.at_level(logging.WARNING, logger="app.group_commit"):
-        results = await submit_all(committer, ["a", "b", "a#again"])
-    assert results[:2] == ["ok:a", "ok:b"]
-    assert isinstance(results[2], IntegrityError)
-    assert table.batches == [["a", "a#again", "b"], ["a"], ["a#again"], ["b"]]
-    assert await stored(sm) == ["a", "b"]
+        results = await submit_all(committer, ["a", "a#again"])
+    assert results[0] == "ok:a"
+    assert isinstance(results[1], IntegrityError)
+    assert table.batches == [["a", "a#again"], ["a"], ["a#again"]]
+    assert await stored(sm) == ["a"]
+    # Two items are a batch: its conflict is logged.
     assert [r.getMessage() for r in caplog.records if r.name == "app.group_commit"] == [
-        "group_commit.conflict size=3; retrying one by one"
+        "group_commit.conflict size=2; retrying one by one"
     ]
+    # The others in a batch are written: three items, one conflicting.
+    more = await submit_all(committer, ["c", "b", "c#again"])
+    assert more[:2] == ["ok:c", "ok:b"] and isinstance(more[2], IntegrityError)
+    assert await stored(sm) == ["a", "b", "c"]
 
 
 async def test_a_lone_conflict_is_not_logged_as_a_batch_conflict(sm, caplog):
