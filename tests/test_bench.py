@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
+from tests.conftest import child_env
+
 SCENARIOS = ("webhook", "download", "reconciler", "submit")
 
 
@@ -23,7 +23,7 @@ def _command() -> list[str]:
 
 def test_bench_quick_reports_every_scenario_with_a_baseline_and_a_ratio(tmp_path: Path):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, PYTHONPATH=str(PROJECT))
+    env = child_env(tmp_path)  # built from scratch: no setting of the developer's shell
     proc = subprocess.run(
         [*_command(), "bench", "--quick", "--database", "sqlite", "--json", str(out)],
         cwd=tmp_path,

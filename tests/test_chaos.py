@@ -32,9 +32,8 @@ from app.chaos_report import (
     percentile,
     render_text,
 )
-from tests.conftest import IN_CI, PG_ADMIN_DSN, Service, Sim, in_thread
+from tests.conftest import IN_CI, PG_ADMIN_DSN, Service, Sim, child_env, in_thread
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # A stall of the service's fixed 120 s reconciler hold (a replica killed right after claiming
 # rows) must still finish inside the run's own limit; a normal run takes about 30 s.
 RUN_TIMEOUT = 170
@@ -48,7 +47,7 @@ def run_chaos(tmp_path: Path, *args: str) -> dict[str, Any]:
     proc = subprocess.Popen(
         argv,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        env=child_env(tmp_path),  # built from scratch: no setting of the developer's shell
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # one process group: a timeout kills the whole tree
