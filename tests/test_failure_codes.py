@@ -187,29 +187,17 @@ async def start_simulator(sock: socket.socket) -> RunningServer:
     return server
 
 
-def bind_again(port: int) -> socket.socket:
-    deadline = time.monotonic() + 5
-    while True:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            sock.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-            continue
-        return sock
-
-
 async def test_a_task_hiapi_forgot_fails_with_task_not_found_on_a_real_poll(
     services: ServiceFactory,
 ):
     # hiapi (the simulator) is restarted and has forgotten every task: the reconciler's poll
     # gets a real 404 for the video's task.
-    first = await start_simulator(free_socket())
-    port = first.port
+    # The second simulator serves the very socket the first one listened on (a duplicate of
+    # its descriptor outlives the first server), so no other process can take the port in
+    # between; a poll that arrives meanwhile waits in the backlog for the second.
+    sock = free_socket()
+    held = sock.dup()
+    first = await start_simulator(sock)
     service = await services.start(
         HIAPI_BASE_URL=first.url,
         DOWNLOAD_ALLOWED_HOSTS=first.url,
@@ -218,7 +206,7 @@ async def test_a_task_hiapi_forgot_fails_with_task_not_found_on_a_real_poll(
     video = await service.submit()
     assert video["status"] == "processing" and video["task_id"]
     await first.stop()
-    second = await start_simulator(bind_again(port))
+    second = await start_simulator(held)
     try:
         done = await service.wait_for(video["id"], "failed", timeout=10)
         error = assert_error_shape({"error": done["error"]}, "task_not_found")
