@@ -149,6 +149,20 @@ def test_only_the_first_output_is_rewritten():
     assert vetted.status == TaskStatus.success and vetted.taskId == "tk-1"
 
 
+def test_expire_at_is_the_earlier_of_hiapis_and_the_retry_bound():
+    bound = int((NOW + timedelta(hours=1)).timestamp())
+    soon = int((NOW + timedelta(minutes=5)).timestamp())
+    for given, expected in [(None, bound), (soon, soon), (bound + 1, bound)]:
+        task = parse_task_payload(
+            {
+                "taskId": "tk-1",
+                "status": "success",
+                "output": [{"url": "https://a.hiapi.ai/x.mp4", "expireAt": given}],
+            }
+        )
+        assert CHECK.vet(task, now=NOW).output[0].expireAt == expected, given
+
+
 def test_a_refusal_says_why_and_is_logged_with_its_code(caplog: pytest.LogCaptureFixture):
     with caplog.at_level(logging.WARNING, logger="app.outputs"):
         vetted = CHECK.vet(success("https://evil.example/x.mp4"), now=NOW)
