@@ -3,8 +3,9 @@
 ``python scripts/mutate_run.py [app/security.py ...]``: the modules (default: every one in
 pyproject's ``[tool.mutmut] only_mutate``, smallest first). ``mutmut run NAME...`` re-runs the
 mutants it is given even when they have a result, and without names it runs every module; so
-this passes mutmut the names of the mutants of these modules that have no result yet (or were
-interrupted). ``MUTATE_JOBS`` sets the number of workers (default 2).
+this passes mutmut the names of the mutants of these modules that have no result yet, were
+interrupted, or survived (tests may have been added since). ``MUTATE_JOBS`` sets the number
+of workers (default 2).
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ from mutmut.__main__ import _run
 from mutmut.configuration import config
 
 INTERRUPTED = 2  # mutmut's exit code for a check stopped by Ctrl-C
+SURVIVED, NO_TESTS = 0, 33
 
 
 def unchecked(module: str) -> list[str] | None:
-    """Names of ``module``'s mutants still to run; None when mutmut has not generated them."""
+    """Names of ``module``'s mutants to run (again); None when mutmut has not generated them."""
     meta = Path("mutants") / (module + ".meta")
     if not meta.exists():
         return None
     codes = json.loads(meta.read_text())["exit_code_by_key"]
-    return sorted(name for name, code in codes.items() if code in (None, INTERRUPTED))
+    again = (None, INTERRUPTED, SURVIVED, NO_TESTS)
+    return sorted(name for name, code in codes.items() if code in again)
 
 
 def main(argv: list[str]) -> int:
