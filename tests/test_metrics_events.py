@@ -367,7 +367,29 @@ class TestEventStreamLimits:
         for _ in range(3):  # each ends after the final event; the next one gets the slot
             response = await service.client.get(f"/v1/videos/{video['id']}/events")
             assert response.status_code == 200 and "event: ready" in response.text
-        assert service.ctx.event_streams.open_count("") == 0
+        assert service.ctx.event_streams.open_count("client:127.0.0.1") == 0
+
+    async def test_an_open_api_counts_streams_per_client_address(
+        self, services: ServiceFactory, sim: Sim
+    ):
+        # Without API keys every caller is the same owner: one process-wide allowance would let
+        # any 20 viewers lock everyone else out. Each client address gets its own instead.
+        sim.set(latency_seconds=60)  # the video stays processing: the streams stay open
+        service = await services.start(EVENTS_MAX_STREAMS=1, EVENTS_POLL_SECONDS=0.05)
+        video = (await service.submit())["id"]
+        url = service.server.url
+        other = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=10) as first,
+            httpx.AsyncClient(base_url=url, timeout=10, transport=other) as second,
+        ):
+            async with open_stream(first, video, "open") as one:
+                assert one.status_code == 200
+                async with open_stream(first, video, "open") as same_address:
+                    await same_address.aread()
+                    assert_json_error(same_address, 429, "too_many_streams")
+                async with open_stream(second, video, "open") as other_address:
+                    assert other_address.status_code == 200
 
     async def test_a_stream_ends_after_its_lifetime_and_resumes(
         self, services: ServiceFactory, sim: Sim

@@ -403,10 +403,13 @@ async def video_events(
                 wait = min(settings.EVENTS_POLL_SECONDS, max(0.0, end - loop.time()))
                 await asyncio.wait_for(ctx.stop.wait(), wait)
 
+    # On an open API every caller is the same owner (""): count streams per client address
+    # instead, so that anonymous viewers do not share one process-wide allowance.
+    client = request.client.host if request.client else ""
     return EventStreamResponse(
         stream(),
         slots=ctx.event_streams,
-        caller=caller,
+        caller=caller if not ctx.api_keys.open else f"client:{client}",
         limit=settings.EVENTS_MAX_STREAMS,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
