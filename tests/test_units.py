@@ -630,3 +630,18 @@ class TestHiapiClientRequests:
         ) as http:
             with pytest.raises(HiapiUnavailable, match="malformed"):
                 await HiapiClient(http, api_key=API_KEY).get_task("tk-4")
+
+
+def test_a_download_error_never_carries_a_presigned_query():
+    # aiohttp names the URL in some messages; its query (a presigned signature) is a secret
+    # that must not reach last_error, a video's error message or a log line.
+    from app.jobs.downloader import _describe
+
+    exc = TimeoutError(
+        "Connection timeout to host https://temp.hiapi.ai/v/clip.mp4?X-Amz-Signature=s3cr3t&x=1"
+    )
+    text = _describe(exc)
+    assert "s3cr3t" not in text and "X-Amz" not in text
+    assert text.startswith(
+        "TimeoutError: Connection timeout to host https://temp.hiapi.ai/v/clip.mp4"
+    )

@@ -21,6 +21,7 @@ import collections
 import contextlib
 import hashlib
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -498,6 +499,11 @@ async def _after(previous: asyncio.Task[None] | None, step: Callable[[], Awaitab
     await step()
 
 
+# aiohttp puts the request URL in some messages ("Connection timeout to host <url>"); a
+# presigned URL's query is a credential, so it never reaches a log line or last_error.
+_URL_QUERY = re.compile(r"(https?://[^\s?#'\"]*)[?#][^\s'\"]*")
+
+
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    text = _URL_QUERY.sub(r"\1?…", str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
