@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.jobs.hosts import is_public_address
 from app.storage import StorageLocation, parse_storage_url
 
 __all__ = ["ConfigError", "Settings"]
@@ -214,27 +215,15 @@ class Settings(BaseSettings):
 
     @staticmethod
     def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-        """The IP literal ``host`` names, unwrapping IPv4 carried in an IPv6 form."""
+        """The IP literal ``host`` is, in any spelling (2130706433, 0177.0.0.1, 0x7f.1: no
+        lookup), or None for a name."""
         try:
-            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
-                host.split("%")[0]
-            )
+            return ipaddress.ip_address(host.split("%")[0])
         except ValueError:
-            try:  # the other IPv4 spellings: 2130706433, 0177.0.0.1, 0x7f.1 (no lookup)
-                ip = ipaddress.IPv4Address(socket.inet_aton(host))
+            try:
+                return ipaddress.IPv4Address(socket.inet_aton(host))
             except OSError:
                 return None
-        if isinstance(ip, ipaddress.IPv6Address):
-            packed = ip.packed
-            if ip.ipv4_mapped is not None:
-                return ip.ipv4_mapped
-            if ip.sixtofour is not None:
-                return ip.sixtofour
-            if packed[:12] == bytes(12) and int(ip) > 1:  # IPv4-compatible ::a.b.c.d
-                return ipaddress.IPv4Address(packed[12:])
-            if packed[:12] == bytes.fromhex("0064ff9b" + "00" * 8):  # NAT64 64:ff9b::/96
-                return ipaddress.IPv4Address(packed[12:])
-        return ip
 
     @classmethod
     def _local_only_host(cls, host: str, *, names: bool) -> bool:
@@ -243,8 +232,8 @@ class Settings(BaseSettings):
         if host == "localhost" or host.endswith(".localhost"):
             return True
         ip = cls._ip(host)
-        if ip is not None:
-            return not ip.is_global or ip.is_multicast
+        if ip is not None:  # the one classification the downloader and notifier use too
+            return not is_public_address(str(ip))
         return names and ("." not in host or host.endswith(_LOCAL_SUFFIXES))
 
     @classmethod

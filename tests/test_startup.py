@@ -291,7 +291,10 @@ def test_serve_refuses_a_public_base_url_hiapi_cannot_reach(tmp_path: Path) -> N
         ("https://api.hiapi.ai", "https://10.1.2.3", "private"),
         ("https://api.hiapi.ai", "https://[fd00::1]", "private"),
         ("https://api.hiapi.ai", "https://[::ffff:192.168.0.10]:8443", "private"),
-        ("https://api.hiapi.ai", "https://[64:ff9b::7f00:1]", "loopback"),
+        ("https://api.hiapi.ai", "https://[64:ff9b::7f00:1]", "not a public address"),
+        # The same classification as the downloader's and notifier's (it once drifted):
+        ("https://api.hiapi.ai", "https://[2001:0:4136:e378::1]", "private"),
+        ("https://api.hiapi.ai", "https://[64:ff9b:1::a00:1]", "not a public address"),
         ("https://api.hiapi.ai", "https://0177.0.0.1", "loopback"),
         ("https://api.hiapi.ai", "https://2130706433", "loopback"),
         ("https://api.hiapi.ai", "https://100.64.0.1", "not a public address"),
