@@ -610,3 +610,22 @@ async def test_submit_takes_a_local_notify_url_with_notify_allow_local(
     service = await services.start(NOTIFY_SECRET=NOTIFY_SECRET, NOTIFY_ALLOW_LOCAL=True)
     video = await service.submit(notify_url="http://127.0.0.1:9/h")
     assert video["notify"]["status"] == "waiting"
+
+
+async def test_download_through_a_proxy_still_refuses_a_name_at_a_private_address(
+    sm: async_sessionmaker[AsyncSession],
+    rig_factory: Callable[[str, Any], Rig],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Through HTTPS_PROXY the proxy resolves the clip's host, so the session's resolver never
+    # sees it. ``localhost`` (admitted by name, from /etc/hosts: no DNS) is checked first.
+    async with CountingServer() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        rig = rig_factory("localhost", ScriptedResolver([("127.0.0.1", proxy.port)]))
+        video_id, owner = await downloading_video(sm, "https://localhost/a.mp4")
+        await rig.downloader.run(video_id, owner)
+        video = await reload(sm, video_id)
+        assert (video.status, video.error_code) == (Status.failed, "host_not_allowed")
+        assert proxy.connections == 0

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from yarl import URL
 
 from app import lifecycle
-from app.jobs.hosts import HostAllowlist, Refused
+from app.jobs.hosts import HostAllowlist, Refused, resolves_to_public
 from app.jobs.resolve import AddressRefused
 from app.logging import bind
 from app.metrics import METRICS
@@ -325,6 +326,8 @@ class Downloader:
             # presigned signature depends on). The session's resolver checks every address
             # of a name admitted by a non-explicit rule and connects only to those
             # (``app.jobs.resolve``); a failed lookup is a transient ``ClientError``.
+            if not rule.explicit and _through_proxy(current):
+                await _check_before_proxy(current)
             try:
                 response = await self._http.get(
                     URL(str(current), encoded=True),
@@ -497,6 +500,25 @@ async def _after(previous: asyncio.Task[None] | None, step: Callable[[], Awaitab
     if previous is not None:
         await previous
     await step()
+
+
+def _through_proxy(url: httpx.URL) -> bool:
+    """Whether ``HTTP(S)_PROXY`` (honoured by the download session) carries this request."""
+    return url.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(url.host)
+
+
+async def _check_before_proxy(url: httpx.URL) -> None:
+    """Through a proxy the proxy resolves the host, so the session's checked resolver never
+    sees it: check its addresses here first (a rebinding name is then the proxy's egress
+    rules' to stop). A failed lookup is transient, never a pass."""
+    try:
+        public = await resolves_to_public(url.host, url.port or 443)
+    except OSError as exc:
+        raise Transient(f"could not resolve {url.host}: {exc}") from None
+    if not public:
+        raise Permanent(
+            "host_not_allowed", f"download host {url.host} resolves to a private or local address"
+        )
 
 
 # aiohttp puts the request URL in some messages ("Connection timeout to host <url>"); a
