@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from app.context import AppContext
 
 __all__ = [
+    "CALLER_STATE",
     "DRAIN_BYTES",
     "MULTIPART_ALLOWANCE",
     "RequestGuard",
@@ -44,6 +45,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/v1/"
+# Where the guard leaves the caller it identified, in the request's state.
+CALLER_STATE = "caller"
 UPLOAD_PATH = "/v1/images"
 # Room for the multipart framing around the one `file` part: boundaries, the part's headers
 # (a long file name included) and the closing line. The route checks the file itself exactly.
@@ -148,7 +151,8 @@ class RequestGuard:
 
         ctx: AppContext = scope["app"].state.ctx
         try:
-            authenticate(ctx, authorization)
+            # Kept for the route (``app.api.deps.get_caller``), so a request is checked once.
+            scope.setdefault("state", {})[CALLER_STATE] = authenticate(ctx, authorization)
         except AppError as exc:
             await _response(exc, close=unread_large)(scope, receive, send)
             return

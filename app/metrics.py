@@ -37,6 +37,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.errors import error_body
 from app.models import Status, Video
 
 __all__ = [
@@ -222,7 +223,7 @@ UNAUTHORIZED_MESSAGE = (
 
 
 def _json_error(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+    return json.dumps(error_body(code, message)).encode()
 
 
 def metrics_port_problem(host: str, port: int) -> str | None:

@@ -9,7 +9,7 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.context import AppContext
-from app.limits import authenticate
+from app.limits import CALLER_STATE, authenticate
 
 __all__ = ["CallerDep", "ContextDep", "SessionDep"]
 
@@ -33,6 +33,7 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 async def get_caller(
     ctx: ContextDep,
+    request: Request,
     authorization: Annotated[
         str | None,
         Header(
@@ -42,10 +43,12 @@ async def get_caller(
 ) -> str:
     """The name of the calling API key ('' when the API is open).
 
-    ``app.limits.RequestGuard`` has already made the same check before the body was read; this
-    one documents the header in OpenAPI and holds if a route is ever served without the guard.
+    ``app.limits.RequestGuard`` has made the check before the body was read and left its
+    answer in the request's state; the header is declared here to document it in OpenAPI, and
+    is checked here only if a route is ever served without the guard.
     """
-    return authenticate(ctx, authorization)
+    checked: str | None = getattr(request.state, CALLER_STATE, None)
+    return checked if checked is not None else authenticate(ctx, authorization)
 
 
 CallerDep = Annotated[str, Depends(get_caller)]
