@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.jobs.hosts import is_public_address
-from app.storage import StorageLocation, parse_storage_url
+from app.net import is_public_address
+from app.storage.base import StorageLocation, parse_storage_url
 
 __all__ = ["ConfigError", "Settings"]
 

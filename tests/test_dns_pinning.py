@@ -33,10 +33,11 @@ from app.context import download_session
 from app.db import create_engine, create_sessionmaker, utc_now
 from app.hiapi.schemas import Task
 from app.jobs.downloader import Downloader, DownloadSettings
-from app.jobs.hosts import HostAllowlist, is_public_address
+from app.jobs.hosts import HostAllowlist
 from app.jobs.notifier import Notifier
 from app.jobs.resolve import AddressRefused, CheckedResolver, LookupFailed
 from app.models import Status, Via
+from app.net import is_public_address
 from app.storage.local import LocalStorage
 from tests.conftest import ServiceFactory, Sim
 from tests.test_frontend_api import NOTIFY_SECRET

@@ -18,8 +18,9 @@ import pytest
 from sqlalchemy import make_url
 
 from app import lifecycle
-from app.jobs.hosts import is_public_address, resolves_to_public
+from app.jobs.hosts import resolves_to_public
 from app.models import Video
+from app.net import is_public_address
 from app.security import webhook_token
 from tests.conftest import (
     PG_ADMIN_DSN,

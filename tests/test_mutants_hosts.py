@@ -14,8 +14,9 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from app.hiapi.schemas import Task, TaskStatus, parse_task_payload
-from app.jobs.hosts import HostAllowlist, is_public_address, resolves_to_public
+from app.jobs.hosts import HostAllowlist, resolves_to_public
 from app.jobs.resolve import AddressRefused, CheckedResolver, LookupFailed
+from app.net import is_public_address
 from app.outputs import OutputCheck
 
 

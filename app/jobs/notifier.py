@@ -34,11 +34,12 @@ from aiohttp.abc import AbstractResolver
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import lifecycle
-from app.jobs.hosts import canonical_host, is_public_address
+from app.jobs.hosts import canonical_host
 from app.jobs.resolve import CheckedResolver
 from app.logging import bind
 from app.metrics import METRICS
 from app.models import Notification
+from app.net import is_public_address
 from app.retry import backoff_seconds
 
 __all__ = ["Notifier", "notify_url_problem", "sign"]

@@ -25,7 +25,8 @@ import aiohttp
 import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from app.jobs.hosts import HostAllowlist, is_public_address
+from app.jobs.hosts import HostAllowlist
+from app.net import is_public_address
 
 __all__ = ["AddressRefused", "CheckedResolver", "LookupFailed", "download_private_ok"]
 

@@ -28,7 +28,7 @@ import aioboto3
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app.storage import StorageError
+from app.storage.base import StorageError
 from app.storage.local import LocalStorage
 
 if TYPE_CHECKING:
