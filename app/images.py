@@ -41,7 +41,7 @@ from PIL import UnidentifiedImageError
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.models import Image, Video
+from app.models import TERMINAL, Image, Video
 
 __all__ = [
     "ImageInfo",
@@ -343,7 +343,7 @@ async def expire(
     still_needed = (
         select(Video.id)
         .where(Video.image_id == Image.id)
-        .where(or_(Video.status.notin_(("ready", "failed")), Video.updated_at > cutoff))
+        .where(or_(Video.status.notin_(TERMINAL), Video.updated_at > cutoff))
         .exists()
     )
     stmt = (

@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.errors import error_body
-from app.models import Status, Video
+from app.models import TERMINAL, Status, Video
 
 __all__ = [
     "METRICS",
@@ -136,9 +136,7 @@ class Metrics:
         )
         oldest = (
             await session.execute(
-                select(func.min(Video.created_at)).where(
-                    Video.status.notin_((Status.ready, Status.failed))
-                )
+                select(func.min(Video.created_at)).where(Video.status.notin_(TERMINAL))
             )
         ).scalar_one_or_none()
         if oldest is not None and oldest.tzinfo is None:

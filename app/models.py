@@ -24,7 +24,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.db import UTCDateTime
 
-__all__ = ["Base", "DailySpend", "Image", "Notification", "NotifyStatus", "Status", "Video"]
+__all__ = [
+    "TERMINAL",
+    "Base",
+    "DailySpend",
+    "Image",
+    "Notification",
+    "NotifyStatus",
+    "Status",
+    "Via",
+    "Video",
+]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from app.hiapi.schemas import DURATION_MAX, DURATION_MIN, image_url_errors
-from app.models import Notification, Video
+from app.models import Notification, Status, Video
 
 __all__ = [
     "FIELD_HINTS",
@@ -124,7 +124,7 @@ VIDEO_EXAMPLE: dict[str, JsonValue] = {
 class VideoOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [VIDEO_EXAMPLE]})
     id: uuid.UUID
-    status: Literal["queued", "processing", "downloading", "ready", "failed"]
+    status: Status
     image_url: str
     image_id: uuid.UUID | None = Field(description="The uploaded image used, if any.")
     prompt: str | None
@@ -158,7 +158,7 @@ class VideoOut(BaseModel):
                 last_status_code=notification.last_status_code if notification else None,
                 last_error=notification.last_error if notification else None,
             )
-        ready = video.status == "ready"
+        ready = video.status == Status.ready
         return cls(
             id=video.id,
             status=video.status,

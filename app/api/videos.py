@@ -7,7 +7,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, time, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +22,7 @@ from app.errors import AppError, Conflict, NotFound, UpstreamRejected
 from app.jobs.notifier import notify_url_problem
 from app.jobs.submitter import submit_video
 from app.metrics import METRICS
-from app.models import Notification, Status, Video
+from app.models import TERMINAL, Notification, Status, Video
 from app.schemas import ErrorOut, VideoCreate, VideoOut, VideoPage
 
 __all__ = ["router", "to_out"]
@@ -193,7 +193,7 @@ async def list_videos(
     session: SessionDep,
     caller: CallerDep,
     status_: Annotated[
-        Literal["queued", "processing", "downloading", "ready", "failed"] | None,
+        Status | None,
         Query(alias="status", description="Only videos in this status."),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -328,7 +328,13 @@ async def video_content(
     )
 
 
-STATUS_ORDER = {"queued": 1, "processing": 2, "downloading": 3, "ready": 4, "failed": 4}
+STATUS_ORDER: dict[str, int] = {
+    Status.queued: 1,
+    Status.processing: 2,
+    Status.downloading: 3,
+    Status.ready: 4,
+    Status.failed: 4,
+}
 
 
 @router.get(
@@ -388,7 +394,7 @@ async def video_events(
                     else None
                 )
             event_id = f"{STATUS_ORDER[video.status]}-{video.status}"
-            final = video.status in (Status.ready, Status.failed)
+            final = video.status in TERMINAL
             if event_id != last:
                 kind = video.status if final else "status"
                 data = to_out(ctx, video, note).model_dump_json()

@@ -184,14 +184,14 @@ class Reconciler:
             except HiapiError as exc:
                 error, task = exc.message, None
             submitted = video.submitted_at or video.created_at
-            if (task is None or task.status == "handling") and (
+            if (task is None or task.status == TaskStatus.handling) and (
                 self._clock() - submitted > self._task_timeout
             ):
                 await self._give_up(
                     video, "task_timeout", "hiapi did not finish the task in TASK_TIMEOUT_SECONDS"
                 )
                 return
-            if task is not None and task.status != "handling":
+            if task is not None and task.status != TaskStatus.handling:
                 # Like the webhook: an output URL we won't fetch fails the video here and now,
                 # and the download is ours only if a slot is free here.
                 task = self._outputs.vet(task, now=self._clock())
