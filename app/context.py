@@ -70,9 +70,6 @@ class AppContext:
     def callback_url(self, video_id: uuid.UUID) -> str:
         return callback_url(self.settings.public_base, self.webhook_secret, video_id)
 
-    def content_url(self, video_id: uuid.UUID) -> str:
-        return f"{self.settings.public_base}/v1/videos/{video_id}/content"
-
     @property
     def images_root(self) -> Path:
         """Uploaded stills live on the local (or mounted) STORAGE_DIR, whatever the clip store."""
@@ -154,8 +151,6 @@ def build_context(
     )
     runner = JobRunner(downloader, stop=stop, concurrency=settings.DOWNLOAD_CONCURRENCY)
     policy = SubmitPolicy(
-        public_base=settings.public_base,
-        webhook_secret=secret,
         poll_after=timedelta(seconds=settings.RECONCILE_AFTER_SECONDS),
         retry_base=retry_base,
         retry_max=retry_max,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -165,8 +164,3 @@ class _SqliteSession(AsyncSession):
 
     def begin(self) -> AsyncSessionTransaction:
         return _TurnTransaction(self, self.turns)
-
-
-async def session_scope(sm: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    async with sm() as session:
-        yield session

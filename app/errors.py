@@ -65,11 +65,6 @@ class UpstreamRejected(AppError):
     code = "upstream_rejected"
 
 
-class Unavailable(AppError):
-    status_code = 503
-    code = "unavailable"
-
-
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 

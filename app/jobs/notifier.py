@@ -117,8 +117,6 @@ class Notifier:
         self._retry_max = retry_max
         self._interval = interval
         self._clock = clock
-        self.delivered = 0
-        self.failed_attempts = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -169,10 +167,8 @@ class Notifier:
                 "delivered" if delivered else ("retry" if retry_at else "gave_up")
             ).inc()
             if delivered:
-                self.delivered += 1
                 log.info("notify.delivered event=%s", note.event)
             else:
-                self.failed_attempts += 1
                 log.warning("notify.failed attempt=%d error=%s", note.attempts + 1, error)
 
     async def _post(self, note: Notification) -> int:

@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class SubmitPolicy:
-    public_base: str
-    webhook_secret: bytes
     poll_after: timedelta
     retry_base: float
     retry_max: float
