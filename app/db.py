@@ -100,9 +100,9 @@ def create_sessionmaker(
 
 class _WriteTurns:
     """SQLite allows one writer at a time; the others wait in SQLite's busy handler, which
-    polls the lock with sleeps of up to 100 ms, so under contention a commit could wait
-    hundreds of milliseconds after the lock was free. Transactions of one process instead
-    take turns here, first come first served, and find the lock free when their turn comes.
+    polls the lock with growing sleeps, so under contention a commit could go on sleeping long
+    after the lock was free. Transactions of one process instead take turns here, first come
+    first served, and find the lock free when their turn comes.
 
     A task that already has the turn (a transaction opened inside another) goes on without
     waiting for itself. Other processes on the same file still meet in the busy handler. A

@@ -7,11 +7,11 @@ or handed to hiapi, with bounded work:
 - at most ``MAX_PIXELS`` pixels, read from the header before any pixel is decoded;
 - a PNG's chunks are walked and their CRCs checked, and its pixel data (IDAT) is inflated in
   64 KiB steps, stopping as soon as it passes what the dimensions, bit depth and interlacing
-  need (plus ``_INFLATE_SLACK``): an 8x8 PNG carrying a 200 MB zlib stream (a 207 KB file) is
-  refused after inflating about 68 KB, where Pillow alone would stop reading after 200 bytes
-  and accept it. Compressed text and ICC chunks get the same bounded inflate (1 MiB each,
-  Pillow's own limit); animated PNGs (``acTL``), whose later frames Pillow never reads, are
-  refused;
+  need (plus ``_INFLATE_SLACK``): a tiny PNG carrying a huge zlib stream is refused after
+  inflating little more than its pixels need, where Pillow alone would stop reading after
+  those few bytes and accept it. Compressed text and ICC chunks get the same bounded inflate
+  (1 MiB each, Pillow's own limit); animated PNGs (``acTL``), whose later frames Pillow never
+  reads, are refused;
 - the first frame is then fully decoded with Pillow (``load()``), so a truncated or corrupt
   file (a JPEG cut short, a PNG with a broken IDAT, a truncated WebP) is refused here, not by
   hiapi after it has paid to fetch it. JPEGs decode at 1/8 scale (every coefficient is still

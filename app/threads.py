@@ -1,9 +1,9 @@
 """Worker threads for bulk work: hashing and writing clips.
 
 A download's CPU goes mostly to sha256 and to copying bytes into the page cache, in worker
-threads. Eight downloads at once would otherwise keep sixteen threads busy on a machine with
-a few cores, and the thread running the event loop (webhook acks, API reads) would get a
-sixteenth of the CPU. Bulk work shares this pool of as many threads as there are cores
+threads. With threads of their own, many downloads at once would outnumber the cores several
+times over, and the thread running the event loop (webhook acks, API reads) would get only a
+thin slice of the CPU. Bulk work shares this pool of as many threads as there are cores
 instead; downloads queue for it, the event loop does not.
 """
 
