@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from app import __version__
 from app.api import health, images, playground, videos, webhooks
@@ -39,7 +40,18 @@ model and keeps every finished clip in its own storage.
 
 Submit with `POST /v1/videos`, then read `GET /v1/videos/{id}` until `status` is `ready`
 (or `failed`), and play `content_url`. Every error is `{"error": {"code", "message"}}`.
+
+When the service has API keys configured (`API_KEYS`), every `/v1` request sends
+`Authorization: Bearer <API key>` (*Authorize* in `/docs`); without it, or with an unknown key,
+the answer is `401` `unauthorized`. Without API keys the API is open and the header is ignored.
 """
+
+
+def operation_id(route: APIRoute) -> str:
+    """The route function's name in camelCase (``create_video`` is ``createVideo``): short,
+    stable names for generated clients. A route whose name doesn't fit sets ``operation_id``."""
+    first, *rest = route.name.split("_")
+    return first + "".join(word.capitalize() for word in rest)
 
 
 def create_app(
@@ -111,6 +123,9 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
+        # Show each operation's id: the generated clients' method names.
+        swagger_ui_parameters={"displayOperationId": True},
     )
     register_exception_handlers(app)
     install_request_guard(app, settings)  # inside CORS and the security headers

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import schemathesis
 import uvicorn
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from app.main import create_app
@@ -91,14 +91,19 @@ def test_no_5xx_and_every_error_is_json(live: ThreadedServer) -> None:
             def check(case: Any, extra: dict[str, str]) -> None:
                 kwargs = case.as_transport_kwargs()
                 headers = {**(kwargs.get("headers") or {}), **extra}
-                response = client.request(
-                    case.method,
-                    case.formatted_path,
-                    headers=headers,
-                    params=kwargs.get("params"),
-                    json=kwargs.get("json"),
-                    content=kwargs.get("data") if "json" not in kwargs else None,
-                )
+                try:
+                    response = client.request(
+                        case.method,
+                        case.formatted_path,
+                        headers=headers,
+                        params=kwargs.get("params"),
+                        json=kwargs.get("json"),
+                        content=kwargs.get("data") if "json" not in kwargs else None,
+                    )
+                except httpx.LocalProtocolError:
+                    # The client refused to send it (the bearer scheme's generated "Bearer "
+                    # with an empty token ends in a space): nothing reached the service.
+                    reject()
                 label = f"{case.method} {case.formatted_path} -> {response.status_code}"
                 if response.status_code >= 500:
                     failures.append(f"{label}: {response.text[:200]}")

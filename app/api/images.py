@@ -34,7 +34,10 @@ public_router = APIRouter(tags=["images"])
     responses={
         401: {
             "model": ErrorOut,
-            "description": "Missing or invalid API key (checked before the body is read).",
+            "description": (
+                "No `Authorization: Bearer <API key>`, or an unknown key (`unauthorized`), "
+                "checked before the body is read; only when the service has API keys configured."
+            ),
         },
         413: {
             "model": ErrorOut,

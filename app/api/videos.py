@@ -30,7 +30,13 @@ __all__ = ["router", "to_out"]
 router = APIRouter(prefix="/v1/videos", tags=["videos"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "Missing or invalid API key (when keys are set)."},
+    401: {
+        "model": ErrorOut,
+        "description": (
+            "No `Authorization: Bearer <API key>`, or an unknown key (`unauthorized`); only "
+            "when the service has API keys configured."
+        ),
+    },
     404: {"model": ErrorOut, "description": "No such video (or it belongs to another key)."},
 }
 
@@ -244,7 +250,13 @@ async def _video_or_404(session: SessionDep, video_id: uuid.UUID, owner: str) ->
     return video
 
 
-@router.get("/{video_id}", response_model=VideoOut, responses=ERRORS, summary="Read one video")
+@router.get(
+    "/{video_id}",
+    operation_id="getVideo",
+    response_model=VideoOut,
+    responses=ERRORS,
+    summary="Read one video",
+)
 async def read_video(
     video_id: uuid.UUID, ctx: ContextDep, session: SessionDep, caller: CallerDep
 ) -> VideoOut:
@@ -255,6 +267,7 @@ async def read_video(
 
 @router.get(
     "/{video_id}/content",
+    operation_id="getVideoContent",
     response_class=FileResponse,
     summary="Stream the stored MP4",
     description=(
@@ -339,6 +352,7 @@ STATUS_ORDER: dict[str, int] = {
 
 @router.get(
     "/{video_id}/events",
+    operation_id="streamVideoEvents",
     response_class=StreamingResponse,
     summary="Live status as Server-Sent Events",
     description=(

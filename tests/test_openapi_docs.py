@@ -1,0 +1,125 @@
+"""The OpenAPI document: a bearer security scheme on exactly the operations that take a
+caller, and short, stable operationIds (generated clients' method names)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from starlette.requests import Request
+
+from app.api.deps import get_caller
+from app.errors import AppError
+from tests.conftest import ServiceFactory
+
+# The documents don't depend on the database: the SQLite half is enough.
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+KEY = "docs-key-0123456789abcdef"
+
+OPERATION_IDS = {
+    ("post", "/v1/videos"): "createVideo",
+    ("get", "/v1/videos"): "listVideos",
+    ("get", "/v1/videos/{video_id}"): "getVideo",
+    ("get", "/v1/videos/{video_id}/content"): "getVideoContent",
+    ("get", "/v1/videos/{video_id}/events"): "streamVideoEvents",
+    ("post", "/v1/images"): "uploadImage",
+    ("get", "/i/{name}"): "publicImage",
+    ("post", "/webhooks/hiapi/{video_id}/{token}"): "hiapiCallback",
+    ("get", "/healthz"): "healthz",
+    ("get", "/readyz"): "readyz",
+    ("get", "/metrics"): "metrics",
+}
+
+
+def operations(spec: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (method, path): op
+        for path, methods in spec["paths"].items()
+        for method, op in methods.items()
+    }
+
+
+async def openapi(services: ServiceFactory) -> dict[str, Any]:
+    service = await services.start(API_KEYS=f"docs:{KEY}")
+    response = await service.client.get("/openapi.json")
+    assert response.status_code == 200
+    spec: dict[str, Any] = response.json()
+    return spec
+
+
+class TestOpenApiDocument:
+    async def test_bearer_scheme_is_declared_and_says_when_it_is_required(
+        self, services: ServiceFactory
+    ):
+        spec = await openapi(services)
+        scheme = spec["components"]["securitySchemes"]["bearerAuth"]
+        assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+        assert "required when the service has API keys configured" in scheme["description"]
+        assert list(spec["components"]["securitySchemes"]) == ["bearerAuth"]
+
+    async def test_every_v1_operation_requires_the_bearer_and_no_other_does(
+        self, services: ServiceFactory
+    ):
+        spec = await openapi(services)
+        for (method, path), op in operations(spec).items():
+            where = f"{method.upper()} {path}"
+            if path.startswith("/v1/"):
+                assert op.get("security") == [{"bearerAuth": []}], where
+                # The scheme documents the header; it is not a parameter of its own too.
+                headers = {
+                    p["name"].lower() for p in op.get("parameters", []) if p["in"] == "header"
+                }
+                assert "authorization" not in headers, where
+                assert "Authorization: Bearer <API key>" in op["responses"]["401"]["description"]
+            else:
+                assert "security" not in op, where
+        assert "security" not in spec  # no global requirement: the webhook and probes are open
+        assert "Authorization: Bearer <API key>" in spec["info"]["description"]
+
+    async def test_operation_ids_are_exact_unique_and_camel_case(self, services: ServiceFactory):
+        spec = await openapi(services)
+        ids = {key: op["operationId"] for key, op in operations(spec).items()}
+        assert ids == OPERATION_IDS
+        assert len(set(ids.values())) == len(ids)
+        assert all(re.fullmatch(r"[a-z]+(?:[A-Z][a-z]*)*", name) for name in ids.values())
+
+
+class TestCallerCheck:
+    async def test_the_401_is_unchanged_and_any_bearer_spelling_still_works(
+        self, services: ServiceFactory
+    ):
+        service = await services.start(API_KEYS=f"docs:{KEY}")
+        for headers in ({}, {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer nope"}):
+            refused = await service.client.get("/v1/videos", headers=headers)
+            assert refused.status_code == 401
+            assert refused.json() == {
+                "error": {
+                    "code": "unauthorized",
+                    "message": "missing or invalid API key: send `Authorization: Bearer <key>`",
+                }
+            }
+            assert refused.headers["www-authenticate"] == "Bearer"
+        for spelling in ("Bearer", "bearer", "BEARER"):
+            ok = await service.client.get(
+                "/v1/videos", headers={"Authorization": f"{spelling} {KEY}"}
+            )
+            assert ok.status_code == 200
+
+    async def test_get_caller_checks_the_header_itself_without_the_guard(
+        self, services: ServiceFactory
+    ):
+        service = await services.start(API_KEYS=f"docs:{KEY}")
+
+        def bare(authorization: str | None) -> Request:
+            headers = [] if authorization is None else [(b"authorization", authorization.encode())]
+            return Request(
+                {"type": "http", "method": "GET", "path": "/v1/videos", "headers": headers}
+            )
+
+        assert await get_caller(service.ctx, bare(f"Bearer {KEY}"), None) == "docs"
+        for authorization in (None, "Bearer nope", f"Basic {KEY}"):
+            with pytest.raises(AppError) as refused:
+                await get_caller(service.ctx, bare(authorization), None)
+            assert (refused.value.status_code, refused.value.code) == (401, "unauthorized")
