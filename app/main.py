@@ -17,6 +17,7 @@ from datetime import datetime
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 
 from app import __version__
 from app.api import health, images, playground, videos, webhooks
@@ -118,14 +119,17 @@ def create_app(
                 await asyncio.gather(*ctx.background, return_exceptions=True)
                 log.info("service.stopped")
 
-    app = FastAPI(
+    # FastAPIOffline serves /docs and /redoc with Swagger UI and ReDoc from its own package
+    # (under /static-offline-docs), so they render with no internet.
+    app = FastAPIOffline(
         title="videorelay",
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
         generate_unique_id_function=operation_id,
-        # Show each operation's id: the generated clients' method names.
-        swagger_ui_parameters={"displayOperationId": True},
+        # Show each operation's id (the generated clients' method names); no validator badge,
+        # which swagger.io would serve.
+        swagger_ui_parameters={"displayOperationId": True, "validatorUrl": None},
     )
     register_exception_handlers(app)
     install_request_guard(app, settings)  # inside CORS and the security headers

@@ -1,10 +1,16 @@
-"""The OpenAPI document: a bearer security scheme on exactly the operations that take a
-caller, and short, stable operationIds (generated clients' method names)."""
+"""The OpenAPI document and the pages that render it.
+
+The document: a bearer security scheme on exactly the operations that take a caller, and
+short, stable operationIds (generated clients' method names). The pages: ``/docs`` and
+``/redoc`` render in headless Chromium from files this service ships, with every request to
+a host other than 127.0.0.1 aborted and recorded.
+"""
 
 from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from starlette.requests import Request
@@ -12,6 +18,9 @@ from starlette.requests import Request
 from app.api.deps import get_caller
 from app.errors import AppError
 from tests.conftest import ServiceFactory
+
+# ``chromium`` is the fixture that skips (or fails under CI) without Debian's browser.
+from tests.test_playground import CHROMIUM, CHROMIUM_ARGS, chromium, wait_js  # noqa: F401
 
 # The documents don't depend on the database: the SQLite half is enough.
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -123,3 +132,91 @@ class TestCallerCheck:
             with pytest.raises(AppError) as refused:
                 await get_caller(service.ctx, bare(authorization), None)
             assert (refused.value.status_code, refused.value.code) == (401, "unauthorized")
+
+
+class TestDocsOffline:
+    async def test_pages_load_only_files_this_service_ships(self, services: ServiceFactory):
+        service = await services.start()
+        for page in ("/docs", "/redoc"):
+            html = (await service.client.get(page)).text
+            assert "//" not in re.sub(r"<!--.*?-->", "", html, flags=re.S), page
+            for url in re.findall(r'(?:src|href)="([^"]+)"', html):
+                asset = await service.client.get(url)
+                assert asset.status_code == 200, url
+                assert len(asset.content) > 1000, url
+        # ReDoc's page may load images from this service only (see the browser test).
+        redoc = await service.client.get("/redoc")
+        assert "img-src 'self' data:;" in redoc.headers["content-security-policy"]
+
+    @pytest.mark.usefixtures("chromium")
+    async def test_docs_and_redoc_render_with_every_outside_request_aborted(
+        self, services: ServiceFactory
+    ):
+        from playwright.async_api import Request as BrowserRequest
+        from playwright.async_api import Route, async_playwright
+
+        service = await services.start(API_KEYS=f"docs:{KEY}")
+        # Requests for any host but 127.0.0.1: every one the page made (``requested``), the
+        # ones that reached the network stack (``routed``: aborted here), and why each failed.
+        requested: list[str] = []
+        routed: list[str] = []
+        failed: dict[str, str | None] = {}
+        errors: list[str] = []
+
+        def outside(url: str) -> bool:
+            parts = urlsplit(url)
+            return parts.scheme in ("http", "https", "ws", "wss") and parts.hostname != "127.0.0.1"
+
+        async def only_loopback(route: Route) -> None:
+            if outside(route.request.url):
+                routed.append(route.request.url)
+                await route.abort()
+            else:
+                await route.continue_()
+
+        def on_request(request: BrowserRequest) -> None:
+            if outside(request.url):
+                requested.append(request.url)
+
+        def on_failed(request: BrowserRequest) -> None:
+            failed[request.url] = request.failure
+
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                context = await browser.new_context()
+                await context.route("**/*", only_loopback)
+                context.on("request", on_request)
+                context.on("requestfailed", on_failed)
+                page = await context.new_page()
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+                await page.goto(f"{service.server.url}/docs")
+                create = page.locator("#operations-videos-createVideo")
+                await create.wait_for(timeout=15_000)
+                assert "createVideo" in await create.inner_text()
+                authorize = page.locator("button.authorize")
+                await authorize.click()
+                dialog = page.locator(".auth-container").first
+                await dialog.wait_for()
+                assert "bearerAuth" in await dialog.inner_text()
+                assert (requested, routed) == ([], [])
+
+                await page.goto(f"{service.server.url}/redoc")
+                await page.locator("h1", has_text="videorelay").wait_for(timeout=15_000)
+                # ReDoc names each operation's section after its operationId.
+                await wait_js(page, "document.body.innerHTML.includes('operation/createVideo')")
+                assert "bearerAuth" in await page.locator("body").inner_text()
+                # ReDoc always shows Redocly's logo from their CDN: the page's policy makes
+                # the browser refuse it before any lookup or connection.
+                for _ in range(50):
+                    if set(failed) >= set(requested):
+                        break
+                    await page.wait_for_timeout(100)
+                assert routed == []
+                assert {url: failed.get(url) for url in requested} == {
+                    url: "csp" for url in requested
+                }
+            finally:
+                await browser.close()
+        assert errors == []
