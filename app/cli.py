@@ -1,8 +1,11 @@
-"""The ``videorelay`` command: ``serve``, ``migrate``, ``simulator`` and ``chaos``."""
+"""The ``videorelay`` command: ``serve``, ``migrate``, ``admin``, ``simulator``; and, from a
+checkout of the repository, ``bench`` and ``chaos`` (the checkout's ``tools/``, imported only
+when one of them runs)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -18,6 +21,11 @@ from app.logging import configure_logging
 from app.migrate import DatabaseNotReady, DatabaseUnreachable, require_migrated
 
 __all__ = ["main"]
+
+TOOL_COMMANDS = {
+    "bench": "benchmark the hot paths against baselines measured in the same run",
+    "chaos": "fault-injection run: simulator with faults, replicas killed and restarted, report",
+}
 
 
 def _port_default() -> int:
@@ -76,67 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--seed", type=int, default=None)
 
-    chaos = sub.add_parser(
-        "chaos",
-        help="fault-injection run: simulator with faults, replicas killed and restarted, report",
-    )
-    chaos.add_argument("--videos", type=int, default=500, help="batch size (default 500)")
-    chaos.add_argument("--database", choices=("postgres", "sqlite"), default="postgres")
-    chaos.add_argument(
-        "--replicas", type=int, default=None, help="default: 2 on postgres, 1 on sqlite"
-    )
-    chaos.add_argument("--kills", type=int, default=5, help="SIGKILLs of a random replica")
-    chaos.add_argument("--seed", type=int, default=None, help="default: random (printed)")
-    chaos.add_argument("--json", dest="json_path", default=None, metavar="PATH")
-    chaos.add_argument(
-        "--timeout",
-        type=float,
-        default=900.0,
-        metavar="SECONDS",
-        help="limit for submitting and waiting until every video is terminal (default 900)",
-    )
-    chaos.add_argument("--concurrency", type=int, default=16, help="submits in flight")
-    chaos.add_argument(
-        "--keep", action="store_true", help="keep the scratch database and work directory"
-    )
-    chaos.add_argument(
-        "--pg-admin-dsn",
-        default="postgresql://postgres@127.0.0.1:5432/postgres",
-        help="where the scratch Postgres database is created and dropped",
-    )
-    bench = sub.add_parser(
-        "bench",
-        help="benchmark the hot paths against baselines measured in the same run",
-    )
-    bench.add_argument(
-        "--quick",
-        action="store_true",
-        help="small and short, for CI: checks that it runs (1-2 minutes)",
-    )
-    bench.add_argument(
-        "--json",
-        dest="json_path",
-        default="bench-results.json",
-        metavar="PATH",
-        help="where to write the JSON results (default: bench-results.json)",
-    )
-    bench.add_argument(
-        "--database",
-        choices=("sqlite", "postgres", "both"),
-        default="both",
-        help="default both (SQLite only, with a note, if Postgres is unreachable)",
-    )
-    bench.add_argument(
-        "--only",
-        default="",
-        metavar="NAMES",
-        help="comma-separated scenarios to run (webhook, download, reconciler, submit, e2e); "
-        "default all",
-    )
+    # Their options are parsed by the tool itself (``main`` hands it the rest of the line).
+    for command, text in TOOL_COMMANDS.items():
+        sub.add_parser(command, help=f"{text} (from a checkout of the repository)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOL_COMMANDS:
+        return _tool(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
@@ -147,10 +104,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = Settings()
             require_migrated(settings.DATABASE_URL, timeout=settings.DATABASE_TIMEOUT_SECONDS)
             return admin.run(args, settings)
-        if args.command == "chaos":
-            return _chaos(args)
-        if args.command == "bench":
-            return _bench(args)
         return _simulator(args)
     except ValidationError as exc:
         # Never echo the input: it holds HIAPI_KEY, WEBHOOK_SECRET and API_KEYS.
@@ -310,27 +263,21 @@ def _log_format() -> str:
     return value
 
 
-def _chaos(args: argparse.Namespace) -> int:
-    from app import chaos
-
-    return chaos.run_from_args(args)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from app.bench.runner import BenchError, run_bench
-
-    try:
-        return run_bench(
-            quick=args.quick,
-            json_path=Path(args.json_path),
-            database=args.database,
-            only=[name for name in args.only.split(",") if name],
+def _tool(command: str, argv: list[str]) -> int:
+    """``bench`` and ``chaos``: run by ``tools/`` of a checkout, found only now."""
+    try:  # by name: nothing in app/ imports tools/ (tests/test_layout.py)
+        run_command = importlib.import_module("tools").run_command
+    except (ImportError, AttributeError):  # an installed package, or another `tools` module
+        print(
+            f"videorelay {command}: this command runs from a checkout of the videorelay "
+            "repository; its code is in tools/, which the installed package does not include.\n"
+            "In a checkout: python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && "
+            f".venv/bin/videorelay {command}   (or: make {command})",
+            file=sys.stderr,
         )
-    except BenchError as exc:
-        print(f"videorelay bench: {exc}", file=sys.stderr)
         return 2
+    code: int = run_command(command, argv)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """``videorelay bench --quick`` runs end to end: every scenario, each figure beside its baseline.
 
-It checks that the command works (as CI does), not the figures themselves.
+It checks that the command works (as CI does), not the figures themselves; and that ``bench``
+and ``chaos`` hand over to ``tools/`` of a checkout, or say to use one when it is missing.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import child_env
 
@@ -50,3 +53,39 @@ def test_bench_quick_reports_every_scenario_with_a_baseline_and_a_ratio(tmp_path
             assert math.isfinite(row["ratio"]) and row["ratio"] > 0, (name, row)
         # Every subject figure is compared with a baseline measured in this run, not itself.
         assert all(r["baseline"] != "itself" for r in scenario["results"]), name
+
+
+@pytest.mark.parametrize("command", ["bench", "chaos"])
+def test_the_tool_commands_show_their_options(tmp_path: Path, command: str):
+    proc = subprocess.run(
+        [*_command(), command, "--help"],
+        cwd=tmp_path,
+        env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: videorelay {command} ")
+    assert "--json PATH" in proc.stdout
+
+
+def test_without_the_tools_the_command_says_where_to_run_it(tmp_path: Path):
+    """An installed wheel has no tools/: ``videorelay bench`` says to use a checkout."""
+    script = (
+        "import sys\n"
+        "sys.modules['tools'] = None  # as in an installed wheel: no tools package\n"
+        "from app.cli import main\n"
+        "raise SystemExit(main(['bench', '--quick']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "videorelay bench: this command runs from a checkout" in proc.stderr
+    assert "Traceback" not in proc.stderr

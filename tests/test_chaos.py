@@ -20,7 +20,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app.chaos_report import (
+from tests.conftest import IN_CI, PG_ADMIN_DSN, Service, Sim, child_env, in_thread
+from tools.chaos_report import (
     KillEvent,
     RunData,
     Serve,
@@ -29,10 +30,9 @@ from app.chaos_report import (
     VideoRow,
     build_report,
     parse_callback_url,
-    percentile,
     render_text,
 )
-from tests.conftest import IN_CI, PG_ADMIN_DSN, Service, Sim, child_env, in_thread
+from tools.procs import percentile
 
 # A stall of the service's fixed 120 s reconciler hold (a replica killed right after claiming
 # rows) must still finish inside the run's own limit; a normal run takes about 30 s.

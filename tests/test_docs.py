@@ -32,8 +32,9 @@ def documented() -> set[str]:
     return names
 
 
-def _trees() -> list[tuple[Path, ast.Module]]:
-    return [(p, ast.parse(p.read_text())) for p in sorted((ROOT / "app").rglob("*.py"))]
+def _trees(*folders: str) -> list[tuple[Path, ast.Module]]:
+    paths = sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
+    return [(p, ast.parse(p.read_text())) for p in paths]
 
 
 def read_from_environment(trees: list[tuple[Path, ast.Module]]) -> set[str]:
@@ -65,7 +66,7 @@ def attributes_read(trees: list[tuple[Path, ast.Module]]) -> set[str]:
 
 
 def test_every_documented_setting_exists_and_every_read_one_is_documented() -> None:
-    trees = _trees()
+    trees = _trees("app", "tools")  # the README documents the bench's variables too
     in_code = set(Settings.model_fields) | read_from_environment(trees)
     docs = documented()
     # The S3 credentials row documents botocore's chain, which the code does not read itself.
@@ -75,6 +76,6 @@ def test_every_documented_setting_exists_and_every_read_one_is_documented() -> N
 
 
 def test_every_setting_is_read_by_the_code() -> None:
-    read = attributes_read(_trees())
+    read = attributes_read(_trees("app"))
     unread = sorted(name for name in Settings.model_fields if name not in read)
     assert unread == [], f"Settings fields nothing reads (setting them changes nothing): {unread}"

@@ -1,4 +1,4 @@
-"""A small HTTP/1.1 load generator, run as its own process: ``python -m app.bench.loadgen``.
+"""A small HTTP/1.1 load generator, run as its own process: ``python -m tools.bench.loadgen``.
 
 It opens ``--concurrency`` keep-alive connections to 127.0.0.1 and sends the requests of a
 spec file (JSON: ``{"requests": [[method, path, body], ...], "headers": {...}, "cycle": bool}``)
@@ -21,19 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-__all__ = ["main", "percentile"]
+from tools.procs import percentile
+
+__all__ = ["main"]
 
 CONNECT_TIMEOUT = 10.0
 # A request with no answer after this long counts as an error and its connection is dropped.
 REQUEST_TIMEOUT = 30.0
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence (0.0 when it is empty)."""
-    if not sorted_values:
-        return 0.0
-    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
-    return sorted_values[index]
 
 
 class _Connection(asyncio.Protocol):
@@ -170,16 +164,22 @@ async def _run(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]
         "statuses": statuses,
         "elapsed_s": elapsed,
         "rps": ok / elapsed,
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p90_ms": percentile(latencies, 0.90) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "p50_ms": _ms(latencies, 50),
+        "p90_ms": _ms(latencies, 90),
+        "p99_ms": _ms(latencies, 99),
         "max_ms": (latencies[-1] * 1000) if latencies else 0.0,
         "loadgen_cpu_s": (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime),
     }
 
 
+def _ms(latencies: Sequence[float], q: float) -> float:
+    """Percentile ``q`` of ``latencies`` (seconds) in milliseconds; 0.0 when none answered."""
+    value = percentile(latencies, q)
+    return 0.0 if value is None else value * 1000
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m app.bench.loadgen")
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.loadgen")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--spec", required=True, help="JSON file of requests")

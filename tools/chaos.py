@@ -19,13 +19,14 @@ In order, everything on 127.0.0.1 and bounded in time:
    restart it after a short pause;
 6. wait until every video is ``ready`` or ``failed`` (or ``--timeout``), stop the replicas,
    then read the simulator's per-task records (``GET /_sim/tasks``), the database and the
-   storage directory, and print the report of ``app.chaos_report`` (JSON with ``--json``).
+   storage directory, and print the report of ``tools.chaos_report`` (JSON with ``--json``).
 
 Exit code: 0 when nothing was lost, nothing was downloaded twice and every stored file is
 intact; 1 otherwise; 2 when the run itself could not be carried out; 130 when interrupted.
-Child processes are killed on every exit path (on Linux they also get ``PR_SET_PDEATHSIG``,
-so they die with this process even on SIGKILL), and the scratch database and directory are
-removed (``--keep`` keeps both; a failed run keeps the directory with its logs).
+Child processes (``tools.procs.Child``) are killed on every exit path (on Linux they also die
+with this process, even on SIGKILL), and the scratch database and directory are removed
+(``--keep`` keeps both; a failed run keeps the directory with its logs). ``python -m
+tools.chaos`` is the same as ``videorelay chaos``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -41,14 +41,12 @@ import random
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,7 +56,9 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.chaos_report import (
+from app.db import create_engine
+from app.models import Video
+from tools.chaos_report import (
     KillEvent,
     RunData,
     SimTaskInfo,
@@ -67,13 +67,26 @@ from app.chaos_report import (
     build_report,
     render_text,
 )
-from app.db import create_engine
-from app.models import Video
+from tools.procs import (
+    PG_ADMIN_DSN,
+    Child,
+    ChildFailed,
+    PostgresUnreachable,
+    child_env,
+    create_database,
+    database_url,
+    drop_database,
+    free_port,
+)
 
-__all__ = ["ChaosError", "ChaosOptions", "main", "options_from_args"]
-
-DEFAULT_PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+__all__ = [
+    "ChaosError",
+    "ChaosOptions",
+    "build_parser",
+    "main",
+    "options_from_args",
+    "run_chaos",
+]
 
 HIAPI_TIMEOUT_SECONDS = 2.0
 SERVICE_SETTINGS = {
@@ -104,11 +117,6 @@ SIM_PATCH: dict[str, Any] = {
     "download_bytes_per_second": 500_000,
     "callback_envelope": "random",
 }
-# Settings of the environment that would change what the run measures (API keys would make
-# every submit a 401, a spend limit a 429); proxies would route 127.0.0.1 traffic elsewhere.
-STRIPPED_ENV_PREFIXES = ("API_KEYS", "DAILY_VIDEO_SECONDS_LIMIT")
-PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy")
-
 START_TIMEOUT = 60.0
 MIGRATE_TIMEOUT = 120.0
 STOP_GRACE = 10.0
@@ -117,7 +125,6 @@ PROGRESS_EVERY = 5.0
 SETTLE_SECONDS = 1.0
 KILL_PAUSE = (0.5, 3.0)
 KILL_SPACING = 1.0
-PR_SET_PDEATHSIG = 1
 
 
 class ChaosError(RuntimeError):
@@ -135,7 +142,7 @@ class ChaosOptions:
     timeout: float = 900.0
     concurrency: int = 16
     keep: bool = False
-    pg_admin_dsn: str = DEFAULT_PG_ADMIN_DSN
+    pg_admin_dsn: str = PG_ADMIN_DSN
 
 
 def options_from_args(args: argparse.Namespace) -> ChaosOptions:
@@ -163,22 +170,7 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
-# --- child processes -----------------------------------------------------------------------
-
-
-def _pdeathsig() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-    return preexec
+# --- replicas and the balancer -------------------------------------------------------------
 
 
 async def _until(predicate: Callable[[], bool], deadline: float, interval: float) -> bool:
@@ -188,84 +180,6 @@ async def _until(predicate: Callable[[], bool], deadline: float, interval: float
             return False
         await asyncio.sleep(interval)
     return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def base_env() -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(STRIPPED_ENV_PREFIXES) and key.lower() not in PROXY_VARS
-    }
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
-    )
-    return env
-
-
-class Child:
-    """One ``videorelay`` subprocess whose output is appended to a log file.
-
-    It is always started from the event loop's thread: ``PR_SET_PDEATHSIG`` fires when the
-    thread that forked the child exits, not only the process.
-    """
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, log: Path):
-        self.name, self.argv, self.env, self.cwd, self.log = name, argv, env, cwd, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:  # the child keeps its own copy of the descriptor
-            out.write(f"--- {time.strftime('%H:%M:%S')} start {self.name}\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                cwd=self.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_pdeathsig(),
-            )
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL and reap (idempotent)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-
-    async def terminate(self, grace: float) -> None:
-        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            await _until(lambda: not self.running, time.monotonic() + grace, 0.05)
-        self.kill()
-
-    def tail(self, lines: int = 25) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 class LoadBalancer:
@@ -327,7 +241,7 @@ class Replica:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.child.url
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -335,7 +249,7 @@ class Replica:
 
 class ChaosRun:
     def __init__(self, options: ChaosOptions) -> None:
-        self.o = options
+        self.options = options
         self.seed = (
             options.seed if options.seed is not None else random.SystemRandom().randrange(10**6)
         )
@@ -372,13 +286,13 @@ class ChaosRun:
 
     def config(self) -> dict[str, Any]:
         return {
-            "videos": self.o.videos,
-            "database": self.o.database,
-            "replicas": self.o.replicas,
-            "kills": self.o.kills,
+            "videos": self.options.videos,
+            "database": self.options.database,
+            "replicas": self.options.replicas,
+            "kills": self.options.kills,
             "seed": self.seed,
-            "timeout": self.o.timeout,
-            "concurrency": self.o.concurrency,
+            "timeout": self.options.timeout,
+            "concurrency": self.options.concurrency,
             "simulator_flags": SIM_FLAGS,
             "simulator_patch": SIM_PATCH,
             "service_settings": SERVICE_SETTINGS,
@@ -387,52 +301,16 @@ class ChaosRun:
     # -- setup --------------------------------------------------------------------------
 
     async def _create_database(self) -> None:
-        if self.o.database == "sqlite":
+        if self.options.database == "sqlite":
             self.database_url = f"sqlite+aiosqlite:///{self.workdir / 'videorelay.db'}"
             return
-        import asyncpg
-
         name = f"videorelay_chaos_{self.run_id}"
-        try:
-            conn = await asyncpg.connect(self.o.pg_admin_dsn, timeout=5)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            raise ChaosError(f"cannot reach Postgres at {self.o.pg_admin_dsn}: {exc}") from None
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
+        await create_database(self.options.pg_admin_dsn, name)
         self.pg_database = name
-        admin = httpx.URL(self.o.pg_admin_dsn)
-        userinfo = admin.userinfo.decode() if admin.userinfo else "postgres"
-        port = admin.port or 5432
-        self.database_url = f"postgresql+asyncpg://{userinfo}@{admin.host}:{port}/{name}"
-
-    async def _drop_database(self) -> None:
-        if self.pg_database is None:
-            return
-        import asyncpg
-
-        conn = await asyncpg.connect(self.o.pg_admin_dsn, timeout=5)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{self.pg_database}" WITH (FORCE)')
-        finally:
-            await conn.close()
-        self.pg_database = None
+        self.database_url = database_url(self.options.pg_admin_dsn, name)
 
     def _command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "app.cli", *args]
-
-    async def _wait_http(self, child: Child, url: str, within: float) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if not child.running:
-                code = child.proc.returncode if child.proc else None
-                raise ChaosError(f"{child.name} exited with {code}:\n{child.tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await self.http.get(url, timeout=2)).status_code == 200:
-                    return
-            await asyncio.sleep(0.1)
-        raise ChaosError(f"{child.name} did not answer {url} in {within:.0f}s:\n{child.tail()}")
 
     def _new_port(self) -> int:
         """A free port on 127.0.0.1 not handed out before in this run."""
@@ -444,71 +322,71 @@ class ChaosRun:
 
     async def _start_simulator(self) -> None:
         port = self._new_port()
-        self.sim_url = f"http://127.0.0.1:{port}"
         argv = self._command("simulator", "--port", str(port), "--no-fetch-images")
         for flag, value in SIM_FLAGS.items():
             argv += [flag, value]
         argv += ["--seed", str(self.seed)]
-        child = Child("simulator", argv, base_env(), self.workdir, self.logs / "simulator.log")
+        child = self._child("simulator", argv, self._env(), "simulator.log", port=port)
         self.sim_child = child
-        self.children.append(child)
+        self.sim_url = child.url
         child.start()
-        await self._wait_http(child, f"{self.sim_url}/_sim/stats", START_TIMEOUT)
+        await child.wait_http("/_sim/stats", START_TIMEOUT)
         response = await self.http.patch(f"{self.sim_url}/_sim/config", json=SIM_PATCH)
         if response.status_code != 200:
             raise ChaosError(f"simulator refused {SIM_PATCH}: {response.text}")
 
-    def _service_env(self, port: int) -> dict[str, str]:
-        return {
-            **base_env(),
+    def _child(
+        self, name: str, argv: list[str], env: dict[str, str], log: str, port: int | None = None
+    ) -> Child:
+        child = Child(name, argv, env=env, cwd=self.workdir, log=self.logs / log, port=port)
+        self.children.append(child)
+        return child
+
+    @staticmethod
+    def _env(**settings: str) -> dict[str, str]:
+        # Unbuffered: a replica's last lines must reach its log before a SIGKILL.
+        return child_env(PYTHONUNBUFFERED="1", **settings)
+
+    def _service_env(self) -> dict[str, str]:
+        return self._env(
             **SERVICE_SETTINGS,
-            "DATABASE_URL": self.database_url,
-            "STORAGE_DIR": str(self.storage),
-            "HIAPI_KEY": "sk-chaos-" + self.run_id,
-            "HIAPI_BASE_URL": self.sim_url,
-            "DOWNLOAD_ALLOWED_HOSTS": self.sim_url,
-            "WEBHOOK_SECRET": self.webhook_secret,
+            DATABASE_URL=self.database_url,
+            STORAGE_DIR=str(self.storage),
+            HIAPI_KEY="sk-chaos-" + self.run_id,
+            HIAPI_BASE_URL=self.sim_url,
+            DOWNLOAD_ALLOWED_HOSTS=self.sim_url,
+            WEBHOOK_SECRET=self.webhook_secret,
             # Every replica is reached through the balancer, as behind a real load balancer.
-            "PUBLIC_BASE_URL": self.public_url,
-        }
+            PUBLIC_BASE_URL=self.public_url,
+        )
 
     async def _migrate(self) -> None:
-        child = Child(
-            "migrate",
-            self._command("migrate"),
-            self._service_env(0),
-            self.workdir,
-            self.logs / "migrate.log",
-        )
-        self.children.append(child)
+        child = self._child("migrate", self._command("migrate"), self._service_env(), "migrate.log")
         child.start()
         if not await _until(lambda: not child.running, time.monotonic() + MIGRATE_TIMEOUT, 0.1):
             child.kill()
             raise ChaosError(f"videorelay migrate took over {MIGRATE_TIMEOUT:.0f}s")
-        if child.proc is None or child.proc.returncode != 0:
+        if child.returncode != 0:
             raise ChaosError(f"videorelay migrate failed:\n{child.tail()}")
 
     async def _start_replica(self, replica: Replica) -> None:
         replica.child.start()
-        await self._wait_http(replica.child, f"{replica.url}/healthz", START_TIMEOUT)
+        await replica.child.wait_http("/healthz", START_TIMEOUT)
         replica.alive = True
 
     async def _start_replicas(self) -> None:
-        for index in range(self.o.replicas):
+        for index in range(self.options.replicas):
             port = self._new_port()
-            child = Child(
+            child = self._child(
                 f"replica {index}",
                 self._command("serve", "--port", str(port)),
-                self._service_env(port),
-                self.workdir,
-                self.logs / f"replica-{index}.log",
+                self._service_env(),
+                f"replica-{index}.log",
+                port=port,
             )
-            self.children.append(child)
             self.replicas.append(Replica(index=index, port=port, child=child))
         await asyncio.gather(*(self._start_replica(r) for r in self.replicas))
-        await self._wait_http(
-            self.replicas[0].child, f"{self.replicas[0].url}/readyz", START_TIMEOUT
-        )
+        await self.replicas[0].child.wait_http("/readyz", START_TIMEOUT)
 
     # -- load and faults ----------------------------------------------------------------
 
@@ -521,18 +399,18 @@ class ChaosRun:
                 "resolution": rng.choice(("720p", "1080p")),
                 "duration": rng.randint(3, 8),
             }
-            for i in range(self.o.videos)
+            for i in range(self.options.videos)
         ]
 
     async def _submit_all(self, deadline: float) -> None:
-        slots = asyncio.Semaphore(self.o.concurrency)
+        slots = asyncio.Semaphore(self.options.concurrency)
         bodies = self._bodies()
 
         async def one(index: int) -> None:
             async with slots:
                 await self._submit_one(index, bodies[index], deadline)
 
-        await asyncio.gather(*(one(i) for i in range(self.o.videos)))
+        await asyncio.gather(*(one(i) for i in range(self.options.videos)))
 
     async def _submit_one(self, index: int, body: dict[str, Any], deadline: float) -> None:
         key = f"chaos-{self.run_id}-{index:05d}"
@@ -572,12 +450,12 @@ class ChaosRun:
 
     def _reached(self, threshold: float) -> bool:
         """Progress: half for accepted submits, half for terminal videos."""
-        return (self.accepted + self.terminal) / (2 * self.o.videos) >= threshold
+        return (self.accepted + self.terminal) / (2 * self.options.videos) >= threshold
 
     async def _monkey(self) -> None:
         """SIGKILL a random live replica at ``--kills`` random points of the run's progress."""
         rng = random.Random(self.seed + 1)
-        thresholds = sorted(rng.uniform(0.05, 0.9) for _ in range(self.o.kills))
+        thresholds = sorted(rng.uniform(0.05, 0.9) for _ in range(self.options.kills))
         for threshold in thresholds:
             await _until(partial(self._reached, threshold), float("inf"), 0.1)
             await asyncio.sleep(rng.uniform(0.0, 1.0))
@@ -629,7 +507,7 @@ class ChaosRun:
                     states = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
                     _say(
                         f"t={now - self.started_at:5.1f}s accepted={self.accepted}/"
-                        f"{self.o.videos} {states} kills={len(self.kills)}"
+                        f"{self.options.videos} {states} kills={len(self.kills)}"
                     )
                 await asyncio.sleep(0.5)
         finally:
@@ -715,7 +593,7 @@ class ChaosRun:
     async def run(self) -> dict[str, Any]:
         async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
             self._http = http
-            _say(f"workdir {self.workdir}, seed {self.seed}, database {self.o.database}")
+            _say(f"workdir {self.workdir}, seed {self.seed}, database {self.options.database}")
             await self._create_database()
             await self._start_simulator()
             balancer_port = self._new_port()
@@ -726,10 +604,10 @@ class ChaosRun:
             _say(
                 f"simulator {self.sim_url}; replicas "
                 + ", ".join(r.url for r in self.replicas)
-                + f"; submitting {self.o.videos} videos"
+                + f"; submitting {self.options.videos} videos"
             )
             self.started_at = time.time()
-            deadline = self.started_at + self.o.timeout
+            deadline = self.started_at + self.options.timeout
             submit = asyncio.create_task(self._submit_all(deadline))
             monkey = asyncio.create_task(self._monkey())
             try:
@@ -739,13 +617,15 @@ class ChaosRun:
                     task.cancel()
                 await asyncio.gather(monkey, submit, return_exceptions=True)
             if all_terminal_at is None:
-                _say(f"timed out after {self.o.timeout:.0f}s; collecting what there is")
+                _say(f"timed out after {self.options.timeout:.0f}s; collecting what there is")
             await asyncio.sleep(SETTLE_SECONDS)
-            await asyncio.gather(*(r.child.terminate(STOP_GRACE) for r in self.replicas))
+            await asyncio.gather(
+                *(asyncio.to_thread(r.child.stop, STOP_GRACE) for r in self.replicas)
+            )
             await self.balancer.close()
             tasks, sim_stats = await self._sim_details()
             if self.sim_child is not None:
-                await self.sim_child.terminate(STOP_GRACE)
+                await asyncio.to_thread(self.sim_child.stop, STOP_GRACE)
             videos = await self._read_videos()
             stored, partials = await asyncio.to_thread(scan_storage, self.storage)
             keys = {v.idempotency_key for v in videos}
@@ -755,7 +635,7 @@ class ChaosRun:
                 all_terminal_at=all_terminal_at,
                 finished_at=time.time(),
                 timed_out=all_terminal_at is None,
-                submitted=self.o.videos,
+                submitted=self.options.videos,
                 unsubmitted=[k for k in self.gave_up if k not in keys],
                 submit_errors=dict(self.submit_errors),
                 submit_retries=self.submit_retries,
@@ -776,9 +656,11 @@ class ChaosRun:
         """Kill every child, drop the scratch database, remove the work directory. Sync."""
         for child in self.children:
             child.kill()
-        if self.pg_database is not None and not self.o.keep:
+        if self.pg_database is not None and not self.options.keep:
+            drop = drop_database(self.options.pg_admin_dsn, self.pg_database)
             try:
-                asyncio.run(asyncio.wait_for(self._drop_database(), timeout=30))
+                asyncio.run(asyncio.wait_for(drop, timeout=30))
+                self.pg_database = None
             except Exception as exc:
                 _say(f"could not drop database {self.pg_database}: {exc}")
         if keep_dir:
@@ -831,7 +713,7 @@ def _write_json(path: Path, report: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def main(options: ChaosOptions, out: IO[str] | None = None) -> int:
+def run_chaos(options: ChaosOptions, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
     run = ChaosRun(options)
     report: dict[str, Any] | None = None
@@ -840,7 +722,7 @@ def main(options: ChaosOptions, out: IO[str] | None = None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         _say("interrupted; stopping every process")
         return 130
-    except ChaosError as exc:
+    except (ChaosError, ChildFailed, PostgresUnreachable) as exc:
         _say(f"the run could not be carried out: {exc}")
         return 2
     finally:
@@ -856,10 +738,48 @@ def main(options: ChaosOptions, out: IO[str] | None = None) -> int:
     return 0 if report["passed"] else 1
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def build_parser(prog: str = "python -m tools.chaos") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="fault-injection run: simulator with faults, replicas killed and "
+        "restarted, report",
+    )
+    parser.add_argument("--videos", type=int, default=500, help="batch size (default 500)")
+    parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres")
+    parser.add_argument(
+        "--replicas", type=int, default=None, help="default: 2 on postgres, 1 on sqlite"
+    )
+    parser.add_argument("--kills", type=int, default=5, help="SIGKILLs of a random replica")
+    parser.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    parser.add_argument("--json", dest="json_path", default=None, metavar="PATH")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="limit for submitting and waiting until every video is terminal (default 900)",
+    )
+    parser.add_argument("--concurrency", type=int, default=16, help="submits in flight")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the scratch database and work directory"
+    )
+    parser.add_argument(
+        "--pg-admin-dsn",
+        default=PG_ADMIN_DSN,
+        help="where the scratch Postgres database is created and dropped",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m tools.chaos") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         options = options_from_args(args)
     except ChaosError as exc:
         _say(str(exc))
         return 2
-    return main(options)
+    return run_chaos(options)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

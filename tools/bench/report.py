@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.bench.common import Measurement, ScenarioResult
+from tools.bench.common import Measurement, ScenarioResult
 
 __all__ = ["markdown", "progress", "publish", "write_json"]
 

@@ -1,9 +1,9 @@
 """Scenario 2, download: copying a large clip into storage, against ``curl -o file``.
 
 A file that starts with a real MP4 ``ftyp`` box (then an ``mdat`` box of zeros) is served by
-``app.bench.fileserver`` (sendfile, so the server is not the limit). Baseline: ``curl -s -o``
+``tools.bench.fileserver`` (sendfile, so the server is not the limit). Baseline: ``curl -s -o``
 of the same URL. Subject: ``app.jobs.downloader.Downloader.run`` in its own process
-(``app.bench.download_child``): streaming, sha256, the MP4 check, fsync, rename, ``mark_ready``.
+(``tools.bench.download_child``): streaming, sha256, the MP4 check, fsync, rename, ``mark_ready``.
 Runs alternate between the two and the best of each counts. CPU time comes from ``wait4``'s
 rusage (curl) and ``getrusage`` inside the child; peak RSS from ``VmHWM`` of each process.
 
@@ -23,7 +23,6 @@ import json
 import os
 import socket
 import struct
-import subprocess
 import sys
 import time
 import uuid
@@ -34,27 +33,24 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from app.bench.common import (
+from app.db import create_engine, utc_now
+from app.models import Video
+from app.security import webhook_token
+from tools.bench.common import (
     BENCH_SECRET,
     BenchConfig,
     Measurement,
     ScenarioResult,
-    ServerProcess,
-    child_env,
     database,
-    free_port,
     insert_videos,
     run_loadgen,
     service_env,
-    spawn,
-    stop_process,
+    uvicorn_server,
     video_row,
     write_spec,
 )
-from app.bench.webhook import callback_body
-from app.db import create_engine, utc_now
-from app.models import Video
-from app.security import webhook_token
+from tools.bench.webhook import callback_body
+from tools.procs import Child, child_env, free_port
 
 __all__ = ["make_mp4", "run"]
 
@@ -88,13 +84,14 @@ def make_mp4(path: Path, size: int) -> str:
     return hasher.hexdigest()
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def _wait_port(server: Child, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
+    assert server.port is not None
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if not server.running:
             raise RuntimeError("the file server exited at start")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=1):
                 return
         except OSError:
             time.sleep(0.05)
@@ -111,12 +108,14 @@ def _hwm_kib(pid: int) -> int:
     return 0
 
 
-def _wait4(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, Any, int]:
-    """Reap ``proc`` with ``os.wait4`` so its own CPU time is known; also return its peak RSS.
+def _wait4(child: Child, timeout: float) -> tuple[int, Any, int]:
+    """Reap ``child`` with ``os.wait4`` so its own CPU time is known; also return its peak RSS.
 
     The peak (KiB) is ``VmHWM`` sampled while it runs: ``ru_maxrss`` would start at this
     (forking) process's RSS.
     """
+    proc = child.proc
+    assert proc is not None
     deadline = time.monotonic() + timeout
     peak = 0
     while True:
@@ -134,8 +133,8 @@ def _wait4(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, Any, int
 
 def _curl(url: str, out: Path, log: Path, cwd: Path) -> dict[str, float]:
     started = time.perf_counter()
-    proc = spawn(["curl", "-s", "-o", str(out), url], env=child_env(), log=log, cwd=cwd)
-    code, usage, peak = _wait4(proc, CHILD_TIMEOUT)
+    curl = Child("curl", ["curl", "-s", "-o", str(out), url], env=child_env(), cwd=cwd, log=log)
+    code, usage, peak = _wait4(curl.start(), CHILD_TIMEOUT)
     wall = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"curl failed with exit code {code}")
@@ -155,7 +154,7 @@ def _subject(cfg: BenchConfig, url: str, allow: str, size: int, label: str) -> d
         args = [
             sys.executable,
             "-m",
-            "app.bench.download_child",
+            "tools.bench.download_child",
             "--url",
             url,
             "--allow",
@@ -170,11 +169,12 @@ def _subject(cfg: BenchConfig, url: str, allow: str, size: int, label: str) -> d
             str(out),
         ]
         started = time.perf_counter()
-        proc = spawn(args, env=child_env(), log=work / "download-child.log", cwd=work)
-        code, _, _ = _wait4(proc, CHILD_TIMEOUT)
+        log = work / "download-child.log"
+        child = Child("download child", args, env=child_env(), cwd=work, log=log)
+        code, _, _ = _wait4(child.start(), CHILD_TIMEOUT)
         wall = time.perf_counter() - started
         if code != 0 or not out.exists():
-            tail = (work / "download-child.log").read_text(errors="replace")[-2000:]
+            tail = log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"the download child failed (exit {code}): {tail}")
         data: dict[str, Any] = json.loads(out.read_text())
         data["process_wall_s"] = wall
@@ -202,15 +202,17 @@ def run(cfg: BenchConfig) -> ScenarioResult:
     files.mkdir(exist_ok=True)
     digest = make_mp4(files / "clip.mp4", size)
     port = free_port()
-    server = spawn(
-        [sys.executable, "-m", "app.bench.fileserver", "--dir", str(files), "--port", str(port)],
+    server = Child(
+        "file server",
+        [sys.executable, "-m", "tools.bench.fileserver", "--dir", str(files), "--port", str(port)],
         env=child_env(),
-        log=work / "fileserver.log",
         cwd=work,
+        log=work / "fileserver.log",
+        port=port,
     )
-    try:
-        _wait_port(port, server)
-        origin = f"http://127.0.0.1:{port}"
+    with server:
+        _wait_port(server)
+        origin = server.url
         url = f"{origin}/clip.mp4"
         curls: list[dict[str, float]] = []
         subjects: list[dict[str, Any]] = []
@@ -227,8 +229,6 @@ def run(cfg: BenchConfig) -> ScenarioResult:
         _report(result, size, curls, subjects)
         _under_load(cfg, result, files, origin, split=False)
         _under_load(cfg, result, files, origin, split=True)
-    finally:
-        stop_process(server)
     return result
 
 
@@ -363,7 +363,7 @@ def _under_load(
                 "RECONCILE_INTERVAL_SECONDS": "0.2",
             }
             stack.enter_context(
-                ServerProcess(
+                uvicorn_server(
                     f"videorelay-worker-{db}",
                     "app.main:create_app_from_env",
                     env=worker_env,
@@ -371,7 +371,7 @@ def _under_load(
                     nice=WORKER_NICE,
                 )
             )
-        with ServerProcess(
+        with uvicorn_server(
             f"videorelay-underload-{label}-{db}",
             "app.main:create_app_from_env",
             env=env,

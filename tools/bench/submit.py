@@ -13,20 +13,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from app.bench.common import (
+from app.hiapi.schemas import MODEL
+from tools.bench.common import (
     BenchConfig,
     LoadResult,
     Measurement,
     ScenarioResult,
-    ServerProcess,
-    child_env,
     database,
-    free_port,
     run_loadgen,
     service_env,
+    uvicorn_server,
     write_spec,
 )
-from app.hiapi.schemas import MODEL
+from tools.procs import Child, child_env, free_port
 
 __all__ = ["run"]
 
@@ -73,12 +72,12 @@ def run(cfg: BenchConfig) -> ScenarioResult:
         work / "submit-relay.json", [("POST", "/v1/videos", submit)], cycle=True
     )
 
-    def load(server: ServerProcess, spec: Path, c: int, seconds: float) -> LoadResult:
+    def load(server: Child, spec: Path, c: int, seconds: float) -> LoadResult:
         return run_loadgen(server, spec, concurrency=c, duration=seconds, workdir=work)
 
     db = cfg.databases[0]
     with (
-        ServerProcess(
+        uvicorn_server(
             "simulator",
             "app.simulator:create_simulator_app",
             env=sim_env,
@@ -91,7 +90,7 @@ def run(cfg: BenchConfig) -> ScenarioResult:
         env = service_env(
             url, work, HIAPI_BASE_URL=sim.url, PUBLIC_BASE_URL=f"http://127.0.0.1:{port}"
         )
-        with ServerProcess(
+        with uvicorn_server(
             f"videorelay-submit-{db}",
             "app.main:create_app_from_env",
             env=env,

@@ -33,20 +33,20 @@ from sqlalchemy import delete, event
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import lifecycle
-from app.bench.common import (
+from app.config import Settings
+from app.context import build_context
+from app.db import create_engine, create_sessionmaker, utc_now
+from app.models import Status, Video
+from tools.bench.common import (
     BENCH_SECRET,
     BenchConfig,
     Measurement,
     ScenarioResult,
     database,
-    free_port,
     insert_videos,
     video_row,
 )
-from app.config import Settings
-from app.context import build_context
-from app.db import create_engine, create_sessionmaker, utc_now
-from app.models import Status, Video
+from tools.procs import free_port
 
 __all__ = ["run"]
 

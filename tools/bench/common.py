@@ -1,22 +1,16 @@
-"""What every scenario shares: results, subprocesses, servers, load runs and scratch databases.
+"""What every scenario shares: results, servers, load runs and scratch databases.
 
-Every child process is started with a parent-death signal (Linux), so a killed bench leaves
-no server behind, and every wait has a timeout.
+Child processes, ports and scratch Postgres come from ``tools.procs`` (every child dies with
+the bench, every wait has a time limit).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
 import itertools
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,38 +19,33 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
+
+from tools import procs
+from tools.procs import Child, child_env, free_port, scratch_postgres
 
 __all__ = [
     "BENCH_SECRET",
-    "PROJECT_ROOT",
+    "PG_ADMIN_DSN",
     "UVICORN_FLAGS",
     "BenchConfig",
     "LoadResult",
     "Measurement",
     "ScenarioResult",
-    "ServerProcess",
-    "child_env",
     "database",
-    "free_port",
     "insert_videos",
-    "postgres_available",
     "run_loadgen",
-    "scratch_postgres",
     "service_env",
-    "spawn",
+    "uvicorn_server",
     "video_row",
     "write_spec",
 ]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BENCH_SECRET = "bench-webhook-secret-0123456789abcdef"
-PG_ADMIN_DSN = os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-PG_HOST = os.environ.get("BENCH_PG_HOST", "postgres@127.0.0.1:5432")
+PG_ADMIN_DSN = os.environ.get("BENCH_PG_ADMIN_DSN", procs.PG_ADMIN_DSN)
+# The services under test connect as this ``user@host:port`` (default: BENCH_PG_ADMIN_DSN's).
+PG_HOST = os.environ.get("BENCH_PG_HOST")
 # The same flags for the baselines and the subject (uvicorn picks uvloop and httptools).
 UVICORN_FLAGS = ("--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "5")
-SERVER_START_TIMEOUT = 60.0
-_PR_SET_PDEATHSIG = 1
 
 
 # --- results -----------------------------------------------------------------------------
@@ -124,137 +113,40 @@ class BenchConfig:
         return quick if self.quick else full
 
 
-# --- processes ---------------------------------------------------------------------------
+# --- servers -----------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """``preexec_fn``: the child gets SIGKILL if the bench dies, so nothing outlives it."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
-    )
-    env.pop("DATABASE_URL", None)
-    env.update(extra)
-    return env
-
-
-def spawn(
-    args: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path
-) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            list(args),
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a running process, from ``/proc`` (0.0 where unavailable)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class ServerProcess:
-    """``python -m uvicorn FACTORY --factory`` on 127.0.0.1, stopped on exit."""
-
-    def __init__(
-        self,
-        name: str,
-        factory: str,
-        *,
-        env: dict[str, str],
-        workdir: Path,
-        extra: Sequence[str] = (),
-        health: str = "/healthz",
-        port: int | None = None,
-        nice: int = 0,
-    ) -> None:
-        self.name = name
-        self.nice = nice
-        self.health = health
-        self.factory = factory
-        self.env = env
-        self.workdir = workdir
-        self.extra = tuple(extra)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> ServerProcess:
-        # ``nice -n N`` execs the server: same pid, lower CPU priority.
-        args = [
-            *(("nice", "-n", str(self.nice)) if self.nice else ()),
-            sys.executable,
-            "-m",
-            "uvicorn",
-            self.factory,
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *UVICORN_FLAGS,
-            *self.extra,
-        ]
-        self.proc = spawn(args, env=self.env, log=self.log, cwd=self.workdir)
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited at start: {self.tail()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{self.url}{self.health}").status_code == 200:
-                        return self
-                if time.monotonic() > deadline:
-                    self.__exit__(None, None, None)
-                    raise RuntimeError(f"{self.name} did not start: {self.tail()}")
-                time.sleep(0.05)
-
-    def __exit__(self, *_: object) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-
-    def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+def uvicorn_server(
+    name: str,
+    factory: str,
+    *,
+    env: dict[str, str],
+    workdir: Path,
+    extra: Sequence[str] = (),
+    health: str = "/healthz",
+    port: int | None = None,
+    nice: int = 0,
+) -> Child:
+    """``python -m uvicorn FACTORY --factory`` on 127.0.0.1, with the bench's flags: a ``Child``
+    to use as a context manager (started, up once ``health`` answers, stopped at the end)."""
+    port = port or free_port()
+    # ``nice -n N`` execs the server: same pid, lower CPU priority.
+    argv = [
+        *(("nice", "-n", str(nice)) if nice else ()),
+        sys.executable,
+        "-m",
+        "uvicorn",
+        factory,
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *UVICORN_FLAGS,
+        *extra,
+    ]
+    log = workdir / f"{name}.log"
+    return Child(name, argv, env=env, cwd=workdir, log=log, port=port, health=health)
 
 
 # --- load --------------------------------------------------------------------------------
@@ -301,7 +193,7 @@ def write_spec(
 
 
 def run_loadgen(
-    server: ServerProcess | str,
+    server: Child | str,
     spec: Path,
     *,
     concurrency: int,
@@ -312,13 +204,13 @@ def run_loadgen(
     rate: float = 0.0,
 ) -> LoadResult:
     """Run the load generator in its own process against ``server`` and return its figures."""
-    url = server.url if isinstance(server, ServerProcess) else server
+    url = server.url if isinstance(server, Child) else server
     port = int(url.rsplit(":", 1)[1])
     out = workdir / f"load-{uuid.uuid4().hex[:8]}.json"
     args = [
         sys.executable,
         "-m",
-        "app.bench.loadgen",
+        "tools.bench.loadgen",
         "--port",
         str(port),
         "--spec",
@@ -336,18 +228,14 @@ def run_loadgen(
         "--ok-status",
         *(str(s) for s in ok_status),
     ]
-    cpu0 = server.cpu_seconds() if isinstance(server, ServerProcess) else 0.0
-    proc = spawn(args, env=child_env(), log=workdir / "loadgen.log", cwd=workdir)
-    try:
-        code = proc.wait(duration + 60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-        raise RuntimeError("the load generator did not stop in time") from None
-    cpu1 = server.cpu_seconds() if isinstance(server, ServerProcess) else 0.0
+    cpu0 = server.cpu_seconds() if isinstance(server, Child) else 0.0
+    log = workdir / "loadgen.log"
+    loadgen = Child("load generator", args, env=child_env(), cwd=workdir, log=log)
+    code = loadgen.start().wait(duration + 60)
+    cpu1 = server.cpu_seconds() if isinstance(server, Child) else 0.0
     if code != 0 or not out.exists():
-        log = (workdir / "loadgen.log").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"the load generator failed (exit {code}): {log}")
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"the load generator failed (exit {code}): {tail}")
     data = json.loads(out.read_text())
     out.unlink()
     data.pop("answered", None)
@@ -355,38 +243,6 @@ def run_loadgen(
 
 
 # --- databases ---------------------------------------------------------------------------
-
-
-async def _pg_ok() -> bool:
-    try:
-        conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=3)
-    except (OSError, asyncpg.PostgresError, TimeoutError):
-        return False
-    await conn.close()
-    return True
-
-
-def postgres_available() -> bool:
-    return asyncio.run(_pg_ok())
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=10)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@contextlib.contextmanager
-def scratch_postgres(label: str) -> Iterator[str]:
-    """A database of this run's own on the local Postgres, dropped at the end."""
-    name = f"videorelay_bench_{label}_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+asyncpg://{PG_HOST}/{name}"
-    finally:
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def video_row(
@@ -488,19 +344,14 @@ def database(kind: str, label: str, workdir: Path) -> Iterator[str]:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         return
-    with scratch_postgres(label) as url:
+    with scratch_postgres(f"videorelay_bench_{label}", admin_dsn=PG_ADMIN_DSN, host=PG_HOST) as url:
         upgrade(url)
         yield url
 
 
 def service_env(database_url: str, workdir: Path, **overrides: str) -> dict[str, str]:
     """Environment of a videorelay subprocess: none of the caller's settings leak in."""
-    from app.config import Settings
-
-    env = child_env()
-    for name in Settings.model_fields:
-        env.pop(name, None)
-    env.update(
+    env = child_env(
         DATABASE_URL=database_url,
         WEBHOOK_SECRET=BENCH_SECRET,
         HIAPI_KEY="sk-bench-0123456789",

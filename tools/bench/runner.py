@@ -1,11 +1,14 @@
-"""Runs the scenarios in order, each in a scratch directory, then publishes the report.
+"""``videorelay bench``: runs the scenarios in order, each in a scratch directory, then
+publishes the report.
 
 A scenario that fails is reported as failed (with its error) and the others still run; the
-exit code is then 1. Everything the bench starts is stopped before it returns.
+exit code is then 1 (2 when the bench cannot run as asked). Everything the bench starts is
+stopped before it returns.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import platform
@@ -15,7 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -23,10 +26,11 @@ from typing import Any
 
 import asyncpg
 
-from app.bench import download, e2e, reconciler, report, submit, webhook
-from app.bench.common import PG_ADMIN_DSN, BenchConfig, ScenarioResult, postgres_available
+from tools.bench import download, e2e, reconciler, report, submit, webhook
+from tools.bench.common import PG_ADMIN_DSN, BenchConfig, ScenarioResult
+from tools.procs import postgres_reachable
 
-__all__ = ["SCENARIOS", "BenchError", "run_bench"]
+__all__ = ["SCENARIOS", "BenchError", "build_parser", "main", "run_bench"]
 
 SCENARIOS: list[tuple[str, str, Callable[[BenchConfig], ScenarioResult]]] = [
     ("webhook", "Webhook ack", webhook.run),
@@ -44,7 +48,7 @@ class BenchError(Exception):
 def _databases(choice: str) -> tuple[tuple[str, ...], str | None]:
     if choice == "sqlite":
         return ("sqlite",), None
-    if postgres_available():
+    if asyncio.run(postgres_reachable(PG_ADMIN_DSN)):
         return (("postgres",) if choice == "postgres" else ("sqlite", "postgres")), None
     if choice == "postgres":
         raise BenchError(f"Postgres is not reachable at {PG_ADMIN_DSN}")
@@ -147,3 +151,49 @@ def run_bench(
     }
     report.publish(meta, results, json_path)
     return 1 if any(r.error for r in results) else 0
+
+
+def build_parser(prog: str = "python -m tools.bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="benchmark the hot paths against baselines measured in the same run"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small and short, for CI: checks that it runs (1-2 minutes)",
+    )
+    parser.add_argument(
+        "--json",
+        dest="json_path",
+        default="bench-results.json",
+        metavar="PATH",
+        help="where to write the JSON results (default: bench-results.json)",
+    )
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgres", "both"),
+        default="both",
+        help="default both (SQLite only, with a note, if Postgres is unreachable)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        metavar="NAMES",
+        help="comma-separated scenarios to run (webhook, download, reconciler, submit, e2e); "
+        "default all",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m tools.bench") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return run_bench(
+            quick=args.quick,
+            json_path=Path(args.json_path),
+            database=args.database,
+            only=[name for name in args.only.split(",") if name],
+        )
+    except BenchError as exc:
+        sys.stderr.write(f"{prog}: {exc}\n")
+        return 2

@@ -1,4 +1,4 @@
-"""A fast static file server for the download benchmark: ``python -m app.bench.fileserver``.
+"""A fast static file server for the download benchmark: ``python -m tools.bench.fileserver``.
 
 It answers ``GET /NAME`` with the file NAME of ``--dir`` (``Content-Length`` set) using
 ``sendfile(2)`` through asyncio's selector loop, so the server costs almost nothing and the
@@ -65,7 +65,7 @@ async def _serve(root: Path, port: int, lifetime: float) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.bench.fileserver")
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.fileserver")
     parser.add_argument("--dir", required=True, type=Path, help="the files to serve")
     parser.add_argument("--port", required=True, type=int)
     parser.add_argument("--lifetime", type=float, default=900.0, help="exit after this long")

@@ -1,4 +1,4 @@
-"""The download benchmark's subject in a process of its own (``-m app.bench.download_child``).
+"""The download benchmark's subject in a process of its own (``-m tools.bench.download_child``).
 
 It opens the given (already migrated) SQLite database, creates one video and moves it to
 ``downloading`` through ``app.lifecycle`` exactly as a success callback would, then runs
@@ -152,7 +152,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.bench.download_child")
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.download_child")
     parser.add_argument("--url", required=True)
     parser.add_argument("--allow", required=True, help="DOWNLOAD_ALLOWED_HOSTS")
     parser.add_argument("--database-url", required=True)

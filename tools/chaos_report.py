@@ -39,12 +39,13 @@ Definitions used below:
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from tools.procs import percentile
 
 __all__ = [
     "KillEvent",
@@ -56,7 +57,6 @@ __all__ = [
     "build_report",
     "parse_callback_url",
     "passed",
-    "percentile",
     "render_text",
 ]
 
@@ -214,15 +214,6 @@ def parse_callback_url(url: Any) -> tuple[str | None, int | None]:
     except ValueError:
         port = None
     return video_id, port
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (``q`` in 0..100); ``None`` for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 def _kill_between(kills: Iterable[KillEvent], start: float, end: float) -> bool:

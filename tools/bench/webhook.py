@@ -27,25 +27,25 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from app.bench.common import (
+from app.db import create_engine, utc_now
+from app.hiapi.schemas import MODEL
+from app.models import Video
+from app.security import webhook_token
+from tools.bench.common import (
     BENCH_SECRET,
     BenchConfig,
     LoadResult,
     Measurement,
     ScenarioResult,
-    ServerProcess,
-    child_env,
     database,
     insert_videos,
     run_loadgen,
     service_env,
+    uvicorn_server,
     video_row,
     write_spec,
 )
-from app.db import create_engine, utc_now
-from app.hiapi.schemas import MODEL
-from app.models import Video
-from app.security import webhook_token
+from tools.procs import Child, child_env
 
 __all__ = ["callback_body", "run"]
 
@@ -139,14 +139,14 @@ def run(cfg: BenchConfig) -> ScenarioResult:
     per_run = cfg.count(6_000, 30_000)
     work = cfg.workdir
 
-    def load(server: ServerProcess, spec: Path, concurrency: int, seconds: float) -> LoadResult:
+    def load(server: Child, spec: Path, concurrency: int, seconds: float) -> LoadResult:
         return _load(cfg, server, spec, concurrency, seconds)
 
     # Baseline A runs before and after everything else (its server idles in between), and the
     # mean of the two is the reference: drift on a shared machine shows up in its details.
     spec_bare = write_spec(work / "bare.json", _synthetic(2_000), cycle=True)
-    with ServerProcess(
-        "bare", "app.bench.servers:bare_app", env=child_env(), workdir=work
+    with uvicorn_server(
+        "bare", "tools.bench.servers:bare_app", env=child_env(), workdir=work
     ) as server:
         load(server, spec_bare, 16, warmup)
         before = {c: load(server, spec_bare, c, duration) for c in _concurrencies(cfg)}
@@ -191,7 +191,7 @@ def run(cfg: BenchConfig) -> ScenarioResult:
     )
     result.notes.append(
         f"Each load run lasts {duration:g} s after a warm-up; load comes from a separate "
-        "process (app.bench.loadgen, keep-alive HTTP/1.1 on uvloop). Ratios are against "
+        "process (tools.bench.loadgen, keep-alive HTTP/1.1 on uvloop). Ratios are against "
         "baseline A at the same concurrency (the mean of a run before and one after all the "
         f"others: {drift}); `ratio_vs_B` in the JSON is against the insert-per-request "
         "baseline on the same database."
@@ -212,7 +212,7 @@ def _warmup(cfg: BenchConfig) -> float:
 
 
 def _load(
-    cfg: BenchConfig, server: ServerProcess, spec: Path, concurrency: int, seconds: float
+    cfg: BenchConfig, server: Child, spec: Path, concurrency: int, seconds: float
 ) -> LoadResult:
     return run_loadgen(server, spec, concurrency=concurrency, duration=seconds, workdir=cfg.workdir)
 
@@ -229,14 +229,14 @@ def _run_database(
     warmup = _warmup(cfg)
     duration = _duration(cfg)
 
-    def load(server: ServerProcess, spec: Path, concurrency: int, seconds: float) -> LoadResult:
+    def load(server: Child, spec: Path, concurrency: int, seconds: float) -> LoadResult:
         return _load(cfg, server, spec, concurrency, seconds)
 
     # Baseline B: insert per request.
     insert: dict[int, LoadResult] = {}
-    with ServerProcess(
+    with uvicorn_server(
         f"insert-{db}",
-        "app.bench.servers:insert_app",
+        "tools.bench.servers:insert_app",
         env=child_env(BENCH_DATABASE_URL=url),
         workdir=work,
         extra=(),
@@ -276,7 +276,7 @@ def _run_database(
 
     env = service_env(url, work)
     acked_unique = 0
-    with ServerProcess(
+    with uvicorn_server(
         f"videorelay-{db}", "app.main:create_app_from_env", env=env, workdir=work, extra=()
     ) as server:
         spec = write_spec(work / "subject-warm.json", _sequence(plans[("warm", 16)], "new"))
