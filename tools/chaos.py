@@ -483,7 +483,8 @@ class ChaosRun:
     async def _wait(
         self, deadline: float, submit: asyncio.Task[None], monkey: asyncio.Task[None]
     ) -> float | None:
-        """Until every submitted video is terminal (returns when) or the deadline (None)."""
+        """Until every submitted video is terminal and every kill done (returns when), or the
+        deadline (None)."""
         engine = create_engine(self.database_url)
         last = 0.0
         try:
@@ -498,7 +499,9 @@ class ChaosRun:
                 rows = sum(counts.values())
                 self.terminal = counts.get("ready", 0) + counts.get("failed", 0)
                 now = time.time()
-                if counts and submit.done() and self.terminal == rows:
+                # Every scheduled kill happens (and its replica is back) before the run ends:
+                # on a slow machine the videos can all finish before the last threshold.
+                if counts and submit.done() and monkey.done() and self.terminal == rows:
                     return now
                 if now >= deadline:
                     return None
