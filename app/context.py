@@ -1,13 +1,28 @@
-"""The objects one running service owns, built in ``lifespan`` and shared by routes and jobs."""
+"""The objects one running service shares, built once in ``lifespan`` by ``open_context``.
+
+Everything is made here, in dependency order, and handed to what uses it at construction:
+
+    settings ─┬─ Storage, HostAllowlist, OutputCheck, HTTP clients (closed on exit)
+              ├─ Downloader ── JobRunner (claims queued downloads itself: ``refill``)
+              ├─ GroupCommit(apply_reports) ── Intake(outputs, runner)   ← webhook, reconciler
+              ├─ HiapiClient ── Submitter(callback URL) ─┬─ Submission   ← POST /v1/videos
+              │                                          └─ Reconciler(intake, runner)
+              └─ Notifier, MetricsEndpoint, ApiKeys, StreamSlots
+
+Routes take single members through ``app.api.deps``; the hot paths (the webhook, the request
+guard) read the context through ``context_of(app)``. Jobs never see the context.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,75 +31,59 @@ import aiohttp
 import httpx
 from aiohttp.abc import AbstractResolver
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.applications import Starlette
 
 from app import lifecycle
 from app.auth import ApiKeys
 from app.config import Settings
 from app.group_commit import GroupCommit
 from app.hiapi.client import HiapiClient
+from app.intake import Intake
 from app.jobs.downloader import Downloader, DownloadSettings
 from app.jobs.hosts import HostAllowlist
 from app.jobs.notifier import Notifier, secret_bytes
 from app.jobs.reconciler import Reconciler
 from app.jobs.resolve import CheckedResolver, download_private_ok
 from app.jobs.runner import JobRunner
-from app.jobs.submitter import SubmitPolicy
-from app.lifecycle import TaskReport
+from app.jobs.submitter import SubmitPolicy, Submitter
 from app.metrics import METRICS, MetricsEndpoint
 from app.outputs import OutputCheck
 from app.schemas import VideoOut
 from app.security import callback_url
 from app.storage import Storage, open_storage
 from app.streams import StreamSlots
+from app.submission import Submission
 
-__all__ = ["AppContext", "build_context", "download_session"]
+__all__ = ["AppContext", "context_of", "download_session", "open_context"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class AppContext:
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
-    hiapi_http: httpx.AsyncClient
-    download_http: aiohttp.ClientSession
-    notify_http: httpx.AsyncClient
-    hiapi: HiapiClient
-    storage: Storage
+    clock: Callable[[], datetime]
+    head_revision: str | None  # the migration this code expects (``/readyz``)
+    stop: asyncio.Event  # set at shutdown: loops, streams and downloads end
+    secret: bytes  # WEBHOOK_SECRET (or one per process): callback URL tokens, list cursors
+    api_keys: ApiKeys
+    storage: Storage  # the clips
+    images_root: Path  # uploaded stills: on STORAGE_DIR, whatever the clip store
+    intake: Intake
+    submission: Submission
     runner: JobRunner
     reconciler: Reconciler
-    submit_policy: SubmitPolicy
-    webhook_secret: bytes
-    clock: Callable[[], datetime]
-    head_revision: str | None
-    stop: asyncio.Event
-    api_keys: ApiKeys
     notifier: Notifier
-    callbacks: GroupCommit[TaskReport, lifecycle.ApplyOutcome]
-    outputs: OutputCheck  # vets hiapi's output URL before a report is applied
     metrics: MetricsEndpoint
-    event_streams: StreamSlots = field(default_factory=StreamSlots)
-    background: list[asyncio.Task[None]] = field(default_factory=list)
+    event_streams: StreamSlots
 
-    def callback_url(self, video_id: uuid.UUID) -> str:
-        return callback_url(self.settings.public_base, self.webhook_secret, video_id)
 
-    @property
-    def images_root(self) -> Path:
-        """Uploaded stills live on the local (or mounted) STORAGE_DIR, whatever the clip store."""
-        return self.settings.STORAGE_DIR.resolve()
-
-    @property
-    def lease(self) -> timedelta:
-        return timedelta(seconds=self.settings.DOWNLOAD_LEASE_SECONDS)
-
-    async def aclose(self) -> None:
-        await self.hiapi_http.aclose()
-        await self.download_http.close()
-        await self.notify_http.aclose()
-        await self.storage.aclose()
-        await self.engine.dispose()
+def context_of(app: Starlette) -> AppContext:
+    """The running service's context, as ``lifespan`` left it on ``app.state``."""
+    ctx: AppContext = app.state.ctx
+    return ctx
 
 
 def download_session(
@@ -104,147 +103,171 @@ def download_session(
     )
 
 
-def build_context(
+@asynccontextmanager
+async def open_context(
     settings: Settings,
     *,
     engine: AsyncEngine,
     sessionmaker: async_sessionmaker[AsyncSession],
     clock: Callable[[], datetime],
     head_revision: str | None,
-) -> AppContext:
-    retry_base, retry_max = settings.RETRY_BASE_SECONDS, settings.RETRY_MAX_SECONDS
-    secret = (
-        settings.WEBHOOK_SECRET.get_secret_value().encode()
-        if settings.WEBHOOK_SECRET is not None
-        else secrets.token_bytes(32)
-    )
-    api_key = settings.HIAPI_KEY.get_secret_value() if settings.HIAPI_KEY else "sk-unset"
-    hiapi_http = httpx.AsyncClient(
-        base_url=settings.HIAPI_BASE_URL,
-        timeout=httpx.Timeout(settings.HIAPI_TIMEOUT_SECONDS, connect=5.0),
-        follow_redirects=False,
-    )
-    notify_http = httpx.AsyncClient(
-        timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=False
-    )
-    stop = asyncio.Event()
-    storage = open_storage(settings)
-    log.info("storage.configured url=%s", storage.url)
-    lease = timedelta(seconds=settings.DOWNLOAD_LEASE_SECONDS)
-    allowlist = HostAllowlist.parse(settings.DOWNLOAD_ALLOWED_HOSTS)
-    download_http = download_session(allowlist, concurrency=settings.DOWNLOAD_CONCURRENCY)
-    max_retry = timedelta(seconds=settings.DOWNLOAD_MAX_RETRY_SECONDS)
-    outputs = OutputCheck(allowlist=allowlist, max_retry=max_retry)
-    downloader = Downloader(
-        sessionmaker=sessionmaker,
-        http=download_http,
-        storage=storage,
-        allowlist=allowlist,
-        settings=DownloadSettings(
-            max_bytes=settings.MAX_VIDEO_BYTES,
-            lease=lease,
-            retry_base=retry_base,
-            retry_max=retry_max,
-            max_retry=max_retry,
-        ),
-        stop=stop,
-        clock=clock,
-    )
-    runner = JobRunner(downloader, stop=stop, concurrency=settings.DOWNLOAD_CONCURRENCY)
-    policy = SubmitPolicy(
-        poll_after=timedelta(seconds=settings.RECONCILE_AFTER_SECONDS),
-        retry_base=retry_base,
-        retry_max=retry_max,
-        in_flight_hold=timedelta(
-            seconds=max(settings.RECONCILE_AFTER_SECONDS, 2 * settings.HIAPI_TIMEOUT_SECONDS)
-        ),
-    )
-    hiapi = HiapiClient(
-        hiapi_http,
-        api_key=api_key,
-        observe=lambda endpoint, result: METRICS.upstream.labels(endpoint, result).inc(),
-    )
-
-    def make_callback_url(video_id: uuid.UUID) -> str:
-        return callback_url(settings.public_base, secret, video_id)
-
-    reconciler = Reconciler(
-        sessionmaker=sessionmaker,
-        hiapi=hiapi,
-        runner=runner,
-        policy=policy,
-        callback_url=make_callback_url,
-        outputs=outputs,
-        interval=settings.RECONCILE_INTERVAL_SECONDS,
-        batch_size=settings.RECONCILE_BATCH_SIZE,
-        lease=lease,
-        clock=clock,
-        task_timeout=timedelta(seconds=settings.TASK_TIMEOUT_SECONDS),
-        poll_hold=timedelta(
-            seconds=2 * settings.HIAPI_TIMEOUT_SECONDS + settings.RECONCILE_INTERVAL_SECONDS
-        ),
-        images_root=settings.STORAGE_DIR.resolve(),
-        image_retention=timedelta(seconds=settings.IMAGE_RETENTION_SECONDS),
-    )
-
-    runner.refill = reconciler.refill
-
-    async def render(video_id: uuid.UUID) -> dict[str, Any] | None:
-        async with sessionmaker() as session:
-            video = await lifecycle.get(session, video_id)
-            if video is None:
-                return None
-            note = await lifecycle.latest_notification(session, video_id)
-        return VideoOut.of(video, public_base=settings.public_base, notification=note).model_dump(
-            mode="json"
+) -> AsyncIterator[AppContext]:
+    """Build the service's objects; on exit close its HTTP clients and its storage (the
+    engine belongs to the caller)."""
+    async with AsyncExitStack() as closing:
+        retry_base, retry_max = settings.RETRY_BASE_SECONDS, settings.RETRY_MAX_SECONDS
+        secret = (
+            settings.WEBHOOK_SECRET.get_secret_value().encode()
+            if settings.WEBHOOK_SECRET is not None
+            else secrets.token_bytes(32)
         )
+        lease = timedelta(seconds=settings.DOWNLOAD_LEASE_SECONDS)
+        stop = asyncio.Event()
+        storage = open_storage(settings)
+        closing.push_async_callback(storage.aclose)
+        log.info("storage.configured url=%s", storage.url)
+        allowlist = HostAllowlist.parse(settings.DOWNLOAD_ALLOWED_HOSTS)
+        download_http = download_session(allowlist, concurrency=settings.DOWNLOAD_CONCURRENCY)
+        closing.push_async_callback(download_http.close)
+        hiapi_http = httpx.AsyncClient(
+            base_url=settings.HIAPI_BASE_URL,
+            timeout=httpx.Timeout(settings.HIAPI_TIMEOUT_SECONDS, connect=5.0),
+            follow_redirects=False,
+        )
+        closing.push_async_callback(hiapi_http.aclose)
+        notify_http = httpx.AsyncClient(
+            timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=False
+        )
+        closing.push_async_callback(notify_http.aclose)
 
-    notifier = Notifier(
-        sessionmaker=sessionmaker,
-        http=notify_http,
-        secret=secret_bytes(settings.NOTIFY_SECRET.get_secret_value())
-        if settings.NOTIFY_SECRET
-        else None,
-        render=render,
-        max_attempts=settings.NOTIFY_MAX_ATTEMPTS,
-        allow_local=settings.NOTIFY_ALLOW_LOCAL,
-        retry_base=retry_base,
-        retry_max=retry_max,
-        interval=min(1.0, settings.RECONCILE_INTERVAL_SECONDS),
-        clock=clock,
-    )
-    return AppContext(
-        settings=settings,
-        engine=engine,
-        sessionmaker=sessionmaker,
-        hiapi_http=hiapi_http,
-        download_http=download_http,
-        notify_http=notify_http,
-        hiapi=hiapi,
-        storage=storage,
-        runner=runner,
-        reconciler=reconciler,
-        submit_policy=policy,
-        webhook_secret=secret,
-        clock=clock,
-        head_revision=head_revision,
-        stop=stop,
-        api_keys=ApiKeys.load(settings.API_KEYS.get_secret_value(), settings.API_KEYS_FILE),
-        notifier=notifier,
-        callbacks=GroupCommit(
+        max_retry = timedelta(seconds=settings.DOWNLOAD_MAX_RETRY_SECONDS)
+        downloader = Downloader(
+            sessionmaker=sessionmaker,
+            http=download_http,
+            storage=storage,
+            allowlist=allowlist,
+            settings=DownloadSettings(
+                max_bytes=settings.MAX_VIDEO_BYTES,
+                lease=lease,
+                retry_base=retry_base,
+                retry_max=retry_max,
+                max_retry=max_retry,
+            ),
+            stop=stop,
+            clock=clock,
+        )
+        runner = JobRunner(
+            downloader,
+            sessionmaker=sessionmaker,
+            clock=clock,
+            lease=lease,
+            batch_size=settings.RECONCILE_BATCH_SIZE,
+            stop=stop,
+            concurrency=settings.DOWNLOAD_CONCURRENCY,
+        )
+        reports: GroupCommit[lifecycle.TaskReport, lifecycle.ApplyOutcome] = GroupCommit(
             sessionmaker,
-            lambda session, reports: lifecycle.apply_reports(
-                session, reports, now=clock(), lease=lease
+            lambda session, batch: lifecycle.apply_reports(
+                session, batch, now=clock(), lease=lease
             ),
             key=lambda report: report.video_id.hex,
             name="callbacks",
-        ),
-        outputs=outputs,
-        metrics=MetricsEndpoint(
-            METRICS,
-            sessionmaker,
-            clock,
-            token=settings.METRICS_TOKEN.get_secret_value() if settings.METRICS_TOKEN else None,
-            cache_seconds=settings.METRICS_CACHE_SECONDS,
-        ),
-    )
+        )
+        intake = Intake(
+            outputs=OutputCheck(allowlist=allowlist, max_retry=max_retry),
+            runner=runner,
+            writes=reports,
+            clock=clock,
+        )
+        hiapi = HiapiClient(
+            hiapi_http,
+            api_key=settings.HIAPI_KEY.get_secret_value() if settings.HIAPI_KEY else "sk-unset",
+            observe=lambda endpoint, result: METRICS.upstream.labels(endpoint, result).inc(),
+        )
+        submitter = Submitter(
+            sessionmaker=sessionmaker,
+            hiapi=hiapi,
+            policy=SubmitPolicy(
+                poll_after=timedelta(seconds=settings.RECONCILE_AFTER_SECONDS),
+                retry_base=retry_base,
+                retry_max=retry_max,
+                in_flight_hold=timedelta(
+                    seconds=max(
+                        settings.RECONCILE_AFTER_SECONDS, 2 * settings.HIAPI_TIMEOUT_SECONDS
+                    )
+                ),
+            ),
+            clock=clock,
+            callback_url=functools.partial(callback_url, settings.public_base, secret),
+        )
+        images_root = settings.STORAGE_DIR.resolve()
+
+        async def render(video_id: uuid.UUID) -> dict[str, Any] | None:
+            async with sessionmaker() as session:
+                video = await lifecycle.get(session, video_id)
+                if video is None:
+                    return None
+                note = await lifecycle.latest_notification(session, video_id)
+            out = VideoOut.of(video, public_base=settings.public_base, notification=note)
+            return out.model_dump(mode="json")
+
+        yield AppContext(
+            settings=settings,
+            engine=engine,
+            sessionmaker=sessionmaker,
+            clock=clock,
+            head_revision=head_revision,
+            stop=stop,
+            secret=secret,
+            api_keys=ApiKeys.load(settings.API_KEYS.get_secret_value(), settings.API_KEYS_FILE),
+            storage=storage,
+            images_root=images_root,
+            intake=intake,
+            submission=Submission(
+                submitter=submitter,
+                clock=clock,
+                public_base=settings.public_base,
+                daily_limit=settings.DAILY_VIDEO_SECONDS_LIMIT,
+                notify_allow_local=settings.NOTIFY_ALLOW_LOCAL,
+                notify_signing=settings.NOTIFY_SECRET is not None,
+            ),
+            runner=runner,
+            reconciler=Reconciler(
+                sessionmaker=sessionmaker,
+                hiapi=hiapi,
+                submitter=submitter,
+                intake=intake,
+                runner=runner,
+                interval=settings.RECONCILE_INTERVAL_SECONDS,
+                batch_size=settings.RECONCILE_BATCH_SIZE,
+                clock=clock,
+                task_timeout=timedelta(seconds=settings.TASK_TIMEOUT_SECONDS),
+                poll_hold=timedelta(
+                    seconds=2 * settings.HIAPI_TIMEOUT_SECONDS + settings.RECONCILE_INTERVAL_SECONDS
+                ),
+                images_root=images_root,
+                image_retention=timedelta(seconds=settings.IMAGE_RETENTION_SECONDS),
+            ),
+            notifier=Notifier(
+                sessionmaker=sessionmaker,
+                http=notify_http,
+                secret=secret_bytes(settings.NOTIFY_SECRET.get_secret_value())
+                if settings.NOTIFY_SECRET
+                else None,
+                render=render,
+                max_attempts=settings.NOTIFY_MAX_ATTEMPTS,
+                allow_local=settings.NOTIFY_ALLOW_LOCAL,
+                retry_base=retry_base,
+                retry_max=retry_max,
+                interval=min(1.0, settings.RECONCILE_INTERVAL_SECONDS),
+                clock=clock,
+            ),
+            metrics=MetricsEndpoint(
+                METRICS,
+                sessionmaker,
+                clock,
+                token=settings.METRICS_TOKEN.get_secret_value() if settings.METRICS_TOKEN else None,
+                cache_seconds=settings.METRICS_CACHE_SECONDS,
+            ),
+            event_streams=StreamSlots(),
+        )

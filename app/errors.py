@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.schemas import FIELD_HINTS
+from app.schemas import FIELD_HINTS, FIELD_RULE
 from app.storage import StorageError
 
 __all__ = ["AppError", "register_exception_handlers"]
@@ -69,6 +69,13 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
+def _field_of(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if err.get("type") == FIELD_RULE and "field" in ctx:
+        return str(ctx["field"])  # a rule of the whole body, blamed on one of its fields
+    return _field_name(tuple(err.get("loc", ())))
+
+
 def _field_name(loc: tuple[Any, ...]) -> str:
     if loc[:1] == ("body",) and len(loc) == 2 and isinstance(loc[1], int):
         return "body"  # a JSON syntax error: the int is the character position
@@ -77,7 +84,7 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 
 def _validation_message(err: dict[str, Any]) -> str:
-    field = _field_name(tuple(err.get("loc", ())))
+    field = _field_of(err)
     kind = err.get("type", "")
     if kind == "extra_forbidden":
         return (
@@ -88,7 +95,7 @@ def _validation_message(err: dict[str, Any]) -> str:
         return f"{field}: field required"
     if kind == "json_invalid":
         return "body: not valid JSON"
-    if kind == "missing_one_of":
+    if kind == FIELD_RULE:
         return f"{field}: {err.get('msg')}"
     if field in FIELD_HINTS and "body" in tuple(err.get("loc", ())):
         return f"{field}: {FIELD_HINTS[field]} (got {_shown(err.get('input'))})"
@@ -114,14 +121,11 @@ def register_exception_handlers(app: FastAPI) -> None:
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        details = [
-            {"field": _field_name(tuple(e.get("loc", ()))), "message": _validation_message(e)}
-            for e in errors
-        ]
+        details = [{"field": _field_of(e), "message": _validation_message(e)} for e in errors]
         body = error_body(
             "validation_error",
             _validation_message(first),
-            field=_field_name(tuple(first.get("loc", ()))),
+            field=_field_of(first),
             details=details,
         )
         return JSONResponse(body, status_code=422)

@@ -18,18 +18,16 @@ straight through after one prefix test.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth import ApiKeys
 from app.config import Settings
+from app.context import context_of
 from app.errors import AppError, error_body
-
-if TYPE_CHECKING:
-    from app.context import AppContext
 
 __all__ = [
     "CALLER_STATE",
@@ -67,14 +65,14 @@ def unauthorized() -> AppError:
     )
 
 
-def authenticate(ctx: AppContext, authorization: str | None) -> str:
+def authenticate(api_keys: ApiKeys, authorization: str | None) -> str:
     """The caller's owner name ('' on an open API), else ``unauthorized()``.
 
     The single check for ``/v1/*``: ``RequestGuard`` calls it before the body is read and
     ``app.api.deps.get_caller`` again in the route. Another credential (a client token) is
     accepted by extending this function.
     """
-    owner = ctx.api_keys.identify(authorization)
+    owner = api_keys.identify(authorization)
     if owner is None:
         raise unauthorized()
     return owner
@@ -149,10 +147,10 @@ class RequestGuard:
         # size is unknown or over DRAIN_BYTES, ends with the connection instead.
         unread_large = chunked or (declared is not None and declared > DRAIN_BYTES)
 
-        ctx: AppContext = scope["app"].state.ctx
+        api_keys = context_of(scope["app"]).api_keys
         try:
             # Kept for the route (``app.api.deps.get_caller``), so a request is checked once.
-            scope.setdefault("state", {})[CALLER_STATE] = authenticate(ctx, authorization)
+            scope.setdefault("state", {})[CALLER_STATE] = authenticate(api_keys, authorization)
         except AppError as exc:
             await _response(exc, close=unread_large)(scope, receive, send)
             return

@@ -22,7 +22,7 @@ from fastapi_offline import FastAPIOffline
 from app import __version__
 from app.api import health, images, playground, videos, webhooks
 from app.config import Settings
-from app.context import build_context
+from app.context import open_context
 from app.db import create_engine, create_sessionmaker, utc_now
 from app.errors import register_exception_handlers
 from app.http_policies import install_http_policies
@@ -76,14 +76,18 @@ def create_app(
             if simulator is not None:
                 await stack.enter_async_context(simulator.router.lifespan_context(simulator))
             engine = create_engine(settings.DATABASE_URL, timeout=settings.DATABASE_TIMEOUT_SECONDS)
-            ctx = build_context(
-                settings,
-                engine=engine,
-                sessionmaker=create_sessionmaker(engine, timeout=settings.DATABASE_TIMEOUT_SECONDS),
-                clock=clock,
-                head_revision=await asyncio.to_thread(head_revision, settings.DATABASE_URL),
+            stack.push_async_callback(engine.dispose)
+            ctx = await stack.enter_async_context(
+                open_context(
+                    settings,
+                    engine=engine,
+                    sessionmaker=create_sessionmaker(
+                        engine, timeout=settings.DATABASE_TIMEOUT_SECONDS
+                    ),
+                    clock=clock,
+                    head_revision=await asyncio.to_thread(head_revision, settings.DATABASE_URL),
+                )
             )
-            stack.push_async_callback(ctx.aclose)
             await asyncio.to_thread(ctx.storage.ensure_dirs)
             app.state.ctx = ctx
             if settings.METRICS_PORT is not None:
@@ -102,9 +106,10 @@ def create_app(
                 )
             else:
                 log.info("service.api_keys count=%d", len(ctx.api_keys.names))
+            background: list[asyncio.Task[None]] = []
             if run_reconciler:
-                ctx.background.append(asyncio.create_task(ctx.reconciler.run(ctx.stop)))
-                ctx.background.append(asyncio.create_task(ctx.notifier.run(ctx.stop)))
+                background.append(asyncio.create_task(ctx.reconciler.run(ctx.stop)))
+                background.append(asyncio.create_task(ctx.notifier.run(ctx.stop)))
             log.info("service.started public_base=%s", settings.public_base)
             # Everything built so far lives as long as the process: keep the collector from
             # walking it again on every full collection (pauses that showed in the ack p99).
@@ -112,11 +117,11 @@ def create_app(
             try:
                 yield
             finally:
-                await ctx.callbacks.drain()  # callbacks already received are written
+                await ctx.intake.drain()  # reports already received are written
                 await ctx.runner.shutdown(settings.SHUTDOWN_GRACE_SECONDS)
-                for task in ctx.background:
+                for task in background:
                     task.cancel()
-                await asyncio.gather(*ctx.background, return_exceptions=True)
+                await asyncio.gather(*background, return_exceptions=True)
                 log.info("service.stopped")
 
     # FastAPIOffline serves /docs and /redoc with Swagger UI and ReDoc from its own package

@@ -1,7 +1,8 @@
 """What hiapi's output must be before we try to fetch it.
 
-A finished task's output URL is checked once, when the report is applied (the webhook and the
-reconciler's poll alike call ``OutputCheck.vet`` before building the ``lifecycle.TaskReport``).
+A finished task's output URL is checked once, when the report is applied (``app.intake`` calls
+``OutputCheck.vet`` for the webhook and the reconciler's poll alike, before building the
+``lifecycle.TaskReport``).
 A URL we cannot read, that is not http(s), carries a user name or password, or whose host is
 not on ``DOWNLOAD_ALLOWED_HOSTS`` turns the report into a failed task (``bad_output_url`` or
 ``host_not_allowed``), so the one state-machine path ends the video at once: no download slot

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from app.hiapi.schemas import DURATION_MAX, DURATION_MIN, image_url_errors
+from app.jobs.hosts import canonical_host
 from app.models import Notification, Status, Video
+from app.net import is_public_address
 
 __all__ = [
     "FIELD_HINTS",
+    "FIELD_RULE",
     "ErrorOut",
     "ImageOut",
     "NotifyOut",
@@ -20,6 +26,9 @@ __all__ = [
     "VideoError",
     "VideoOut",
     "VideoPage",
+    "field_rule",
+    "notify_url_form_problem",
+    "notify_url_problem",
 ]
 
 # How to fix each submit field, used in 422 messages.
@@ -31,6 +40,57 @@ FIELD_HINTS = {
     "resolution": "must be one of '720p', '1080p' (default '1080p')",
     "duration": f"must be a whole number of seconds from {DURATION_MIN} to {DURATION_MAX}",
 }
+
+# The error type of a rule that spans fields or needs more than the field's type: its message
+# is shown as written, and ``ctx["field"]`` names the field to blame (``app.errors``).
+FIELD_RULE = "field_rule"
+
+
+def field_rule(field: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError(FIELD_RULE, "{message}", {"field": field, "message": message})
+
+
+def _notify_host(url: str) -> tuple[httpx.URL, str]:
+    parsed = httpx.URL(url)
+    return parsed, canonical_host(parsed.raw_host.decode("ascii")) if parsed.raw_host else ""
+
+
+def notify_url_form_problem(url: str) -> str | None:
+    """Why ``url`` is not an absolute http(s) URL without credentials, or None: the part of the
+    notify_url rule that holds whatever the server's settings."""
+    try:
+        parsed, host = _notify_host(url)
+    except (httpx.InvalidURL, ValueError, UnicodeError) as exc:
+        return f"must be an absolute https URL ({exc})"
+    if parsed.scheme not in ("https", "http") or not host or parsed.userinfo:
+        return "must be an absolute https URL without credentials"
+    return None
+
+
+def notify_url_problem(url: str, *, allow_local: bool) -> str | None:
+    """Why ``url`` can't be a notify_url on a server with ``NOTIFY_ALLOW_LOCAL=allow_local``,
+    or None. An IP literal is checked here; a name's addresses are checked on every delivery
+    (``app.jobs.notifier``), before connecting."""
+    problem = notify_url_form_problem(url)
+    if problem is not None or allow_local:
+        return problem
+    parsed, host = _notify_host(url)
+    if parsed.scheme == "http":
+        return "must use https"
+    if _is_ip(host) and not is_public_address(host):
+        return (
+            f"{parsed.host} is a private or local address, which notifications are never sent to; "
+            "give a public https URL (NOTIFY_ALLOW_LOCAL=true allows it, for development only)"
+        )
+    return None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class VideoCreate(BaseModel):
@@ -81,6 +141,24 @@ class VideoCreate(BaseModel):
         if value is not None and image_url_errors(value, field="image_url"):
             raise ValueError("must be an https URL (for example https://example.com/still.jpg)")
         return value
+
+    @model_validator(mode="after")
+    def _one_image_and_a_well_formed_notify_url(self) -> Self:
+        # Runs once every field is valid, so a request with a bad field is blamed on that
+        # field alone. Whether notify_url may be http or a private address depends on the
+        # server's settings: ``app.submission`` checks that part.
+        if self.image_url is None and self.image_id is None:
+            raise field_rule(
+                "image_url",
+                "field required: give image_url (an https URL) or image_id (from POST /v1/images)",
+            )
+        if self.image_url is not None and self.image_id is not None:
+            raise field_rule("image_url", "give image_url or image_id, not both")
+        if self.notify_url is not None:
+            problem = notify_url_form_problem(self.notify_url)
+            if problem is not None:
+                raise field_rule("notify_url", problem)
+        return self
 
 
 class VideoError(BaseModel):

@@ -127,10 +127,10 @@ class TestCallerCheck:
                 {"type": "http", "method": "GET", "path": "/v1/videos", "headers": headers}
             )
 
-        assert await get_caller(service.ctx, bare(f"Bearer {KEY}"), None) == "docs"
+        assert await get_caller(service.ctx.api_keys, bare(f"Bearer {KEY}"), None) == "docs"
         for authorization in (None, "Bearer nope", f"Basic {KEY}"):
             with pytest.raises(AppError) as refused:
-                await get_caller(service.ctx, bare(authorization), None)
+                await get_caller(service.ctx.api_keys, bare(authorization), None)
             assert (refused.value.status_code, refused.value.code) == (401, "unauthorized")
 
 

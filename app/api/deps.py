@@ -1,35 +1,158 @@
-"""FastAPI dependencies: the app context, a request session, and a video looked up by id."""
+"""FastAPI dependencies, one ``Annotated`` alias per resource a route may use.
+
+A route names what it needs (``session: SessionDep, submission: SubmissionDep``) and nothing
+else; each alias reads one member of the running service's ``AppContext``. The dependencies
+are ``async`` on purpose: a sync one would run in the thread pool on every request.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.context import AppContext
+from app.auth import ApiKeys
+from app.config import Settings
+from app.context import AppContext, context_of
 from app.limits import CALLER_STATE, authenticate
+from app.metrics import MetricsEndpoint
+from app.storage import Storage
+from app.streams import StreamSlots
+from app.submission import Submission
 
-__all__ = ["CallerDep", "ContextDep", "SessionDep"]
+__all__ = [
+    "ApiKeysDep",
+    "CallerDep",
+    "ClockDep",
+    "EngineDep",
+    "EventStreamsDep",
+    "HeadRevisionDep",
+    "ImagesRootDep",
+    "MetricsDep",
+    "SecretDep",
+    "SessionDep",
+    "SessionmakerDep",
+    "SettingsDep",
+    "StopDep",
+    "StorageDep",
+    "SubmissionDep",
+]
 
 
-async def get_context(request: Request) -> AppContext:
-    # async on purpose: a sync dependency would run in the thread pool on every request.
-    ctx: AppContext = request.app.state.ctx
-    return ctx
+async def _context(request: Request) -> AppContext:
+    return context_of(request.app)
 
 
-ContextDep = Annotated[AppContext, Depends(get_context)]
+_ContextDep = Annotated[AppContext, Depends(_context)]
 
 
-async def get_session(ctx: ContextDep) -> AsyncIterator[AsyncSession]:
-    async with ctx.sessionmaker() as session:
+async def get_settings(ctx: _ContextDep) -> Settings:
+    return ctx.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def get_engine(ctx: _ContextDep) -> AsyncEngine:
+    return ctx.engine
+
+
+EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+
+
+async def get_head_revision(ctx: _ContextDep) -> str | None:
+    """The migration this code expects the database to be at."""
+    return ctx.head_revision
+
+
+HeadRevisionDep = Annotated[str | None, Depends(get_head_revision)]
+
+
+async def get_sessionmaker(ctx: _ContextDep) -> async_sessionmaker[AsyncSession]:
+    """For work that opens short sessions of its own (an event stream's polls)."""
+    return ctx.sessionmaker
+
+
+SessionmakerDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)]
+
+
+async def get_session(sessionmaker: SessionmakerDep) -> AsyncIterator[AsyncSession]:
+    async with sessionmaker() as session:
         yield session
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+async def get_clock(ctx: _ContextDep) -> Callable[[], datetime]:
+    return ctx.clock
+
+
+ClockDep = Annotated[Callable[[], datetime], Depends(get_clock)]
+
+
+async def get_stop(ctx: _ContextDep) -> asyncio.Event:
+    """Set when the service shuts down: long responses end then."""
+    return ctx.stop
+
+
+StopDep = Annotated[asyncio.Event, Depends(get_stop)]
+
+
+async def get_secret(ctx: _ContextDep) -> bytes:
+    """The service's signing secret (``WEBHOOK_SECRET``): list cursors are derived from it."""
+    return ctx.secret
+
+
+SecretDep = Annotated[bytes, Depends(get_secret)]
+
+
+async def get_storage(ctx: _ContextDep) -> Storage:
+    return ctx.storage
+
+
+StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+async def get_images_root(ctx: _ContextDep) -> Path:
+    return ctx.images_root
+
+
+ImagesRootDep = Annotated[Path, Depends(get_images_root)]
+
+
+async def get_submission(ctx: _ContextDep) -> Submission:
+    return ctx.submission
+
+
+SubmissionDep = Annotated[Submission, Depends(get_submission)]
+
+
+async def get_event_streams(ctx: _ContextDep) -> StreamSlots:
+    return ctx.event_streams
+
+
+EventStreamsDep = Annotated[StreamSlots, Depends(get_event_streams)]
+
+
+async def get_metrics(ctx: _ContextDep) -> MetricsEndpoint:
+    return ctx.metrics
+
+
+MetricsDep = Annotated[MetricsEndpoint, Depends(get_metrics)]
+
+
+async def get_api_keys(ctx: _ContextDep) -> ApiKeys:
+    return ctx.api_keys
+
+
+ApiKeysDep = Annotated[ApiKeys, Depends(get_api_keys)]
 
 
 # Documents the credential in OpenAPI (the security scheme of every operation that takes a
@@ -45,7 +168,7 @@ bearer = HTTPBearer(
 
 
 async def get_caller(
-    ctx: ContextDep,
+    api_keys: ApiKeysDep,
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> str:
@@ -58,7 +181,7 @@ async def get_caller(
     checked: str | None = getattr(request.state, CALLER_STATE, None)
     if checked is not None:
         return checked
-    return authenticate(ctx, request.headers.get("authorization"))
+    return authenticate(api_keys, request.headers.get("authorization"))
 
 
 CallerDep = Annotated[str, Depends(get_caller)]

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.api.deps import ContextDep
+from app.api.deps import EngineDep, HeadRevisionDep, MetricsDep, SettingsDep
 from app.errors import AppError, NotFound
 from app.metrics import UNAUTHORIZED_MESSAGE
 from app.schemas import ErrorOut
@@ -33,16 +33,16 @@ async def healthz() -> dict[str, str]:
         "SIGTERM the service stops taking connections at once, so a probe sees it refuse."
     ),
 )
-async def readyz(ctx: ContextDep) -> JSONResponse:
+async def readyz(engine: EngineDep, head_revision: HeadRevisionDep) -> JSONResponse:
     try:
-        async with ctx.engine.connect() as conn:
+        async with engine.connect() as conn:
             current = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
     except SQLAlchemyError:
         return _not_ready("database_unavailable", "the database is unreachable or not migrated")
-    if current != ctx.head_revision:
+    if current != head_revision:
         return _not_ready(
             "migration_pending",
-            f"database is at revision {current}, code expects {ctx.head_revision}; "
+            f"database is at revision {current}, code expects {head_revision}; "
             "run `videorelay migrate`",
         )
     return JSONResponse({"status": "ready", "revision": current})
@@ -67,24 +67,25 @@ async def readyz(ctx: ContextDep) -> JSONResponse:
     },
 )
 async def metrics(
-    ctx: ContextDep,
+    settings: SettingsDep,
+    endpoint: MetricsDep,
     authorization: Annotated[
         str | None, Header(description="`Bearer <METRICS_TOKEN>` when one is set.")
     ] = None,
 ) -> Response:
-    if ctx.settings.METRICS_PORT is not None:
+    if settings.METRICS_PORT is not None:
         raise NotFound(
             "/metrics is served on the metrics port (METRICS_PORT), not on this one",
             code="not_found",
         )
-    if not ctx.metrics.authorized(authorization):
+    if not endpoint.authorized(authorization):
         raise AppError(
             UNAUTHORIZED_MESSAGE,
             code="unauthorized",
             status_code=401,
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return Response(await ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(await endpoint.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _not_ready(code: str, message: str) -> JSONResponse:

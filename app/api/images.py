@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, UploadFile, status
 from fastapi.responses import FileResponse
 
 from app import images
-from app.api.deps import CallerDep, ContextDep, SessionDep
+from app.api.deps import CallerDep, ClockDep, ImagesRootDep, SessionDep, SettingsDep
 from app.errors import AppError, NotFound
 from app.limits import image_too_large
 from app.schemas import ErrorOut, ImageOut
@@ -57,13 +57,15 @@ public_router = APIRouter(tags=["images"])
 )
 async def upload_image(
     file: Annotated[UploadFile, File(description="The image (JPEG, PNG or WebP).")],
-    ctx: ContextDep,
+    settings: SettingsDep,
+    images_root: ImagesRootDep,
+    clock: ClockDep,
     session: SessionDep,
     caller: CallerDep,
 ) -> ImageOut:
     # app.limits.RequestGuard capped the stream at IMAGE_MAX_BYTES plus the multipart framing,
     # so no more than that was ever spooled; the file itself is held to the exact limit here.
-    limit = ctx.settings.IMAGE_MAX_BYTES
+    limit = settings.IMAGE_MAX_BYTES
     if file.size is not None and file.size > limit:
         raise image_too_large(limit)
     data = await file.read(limit + 1)
@@ -73,14 +75,14 @@ async def upload_image(
         info = await asyncio.to_thread(images.inspect_image, data)
     except images.NotAnImage as exc:  # 415, or 413 image_too_large for ImageTooLarge
         raise AppError(str(exc), code=exc.code, status_code=exc.status_code) from None
-    token, key = await images.store(ctx.images_root, info, data)
+    token, key = await images.store(images_root, info, data)
     async with session.begin():
         image = await images.create(
-            session, owner=caller, info=info, data=data, token=token, key=key, now=ctx.clock()
+            session, owner=caller, info=info, data=data, token=token, key=key, now=clock()
         )
     return ImageOut(
         id=image.id,
-        url=images.public_url(ctx.settings.public_base, image),
+        url=images.public_url(settings.public_base, image),
         content_type=image.content_type,
         width=image.width,
         height=image.height,
@@ -97,12 +99,12 @@ async def upload_image(
     description="Public on purpose: hiapi fetches the still from here. No listing exists.",
     responses={404: {"model": ErrorOut, "description": "Unknown or deleted image."}},
 )
-async def public_image(name: str, ctx: ContextDep, session: SessionDep) -> FileResponse:
+async def public_image(name: str, images_root: ImagesRootDep, session: SessionDep) -> FileResponse:
     token, _, extension = name.rpartition(".")
     image = await images.by_token(session, token) if token else None
     if image is None or image.extension != extension:
         raise NotFound("no such image")
-    path = images.image_path(ctx.images_root, image.token, image.extension)
+    path = images.image_path(images_root, image.token, image.extension)
     if not await asyncio.to_thread(path.is_file):
         raise NotFound("no such image")
     return FileResponse(path, media_type=image.content_type)

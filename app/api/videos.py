@@ -12,18 +12,26 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import images, lifecycle, repository
-from app.api.deps import CallerDep, ContextDep, SessionDep
+from app import lifecycle, repository
+from app.api.deps import (
+    ApiKeysDep,
+    CallerDep,
+    EventStreamsDep,
+    SecretDep,
+    SessionDep,
+    SessionmakerDep,
+    SettingsDep,
+    StopDep,
+    StorageDep,
+    SubmissionDep,
+)
 from app.api.responses import ClipResponse, EventStreamResponse
-from app.context import AppContext
+from app.config import Settings
 from app.errors import AppError, Conflict, NotFound, UpstreamRejected
-from app.jobs.notifier import notify_url_problem
-from app.jobs.submitter import submit_video
-from app.metrics import METRICS
 from app.models import TERMINAL, Notification, Status, Video
-from app.schemas import ErrorOut, VideoCreate, VideoOut, VideoPage
+from app.schemas import FIELD_RULE, ErrorOut, VideoCreate, VideoOut, VideoPage
+from app.submission import Invalid, OverLimit
 
 __all__ = ["router", "to_out"]
 
@@ -41,50 +49,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def to_out(ctx: AppContext, video: Video, notification: Notification | None = None) -> VideoOut:
-    return VideoOut.of(video, public_base=ctx.settings.public_base, notification=notification)
-
-
-def _field_error(field: str, message: str, kind: str = "missing_one_of") -> RequestValidationError:
-    return RequestValidationError([{"type": kind, "loc": ("body", field), "msg": message}])
-
-
-async def _resolve_params(
-    ctx: AppContext, session: AsyncSession, body: VideoCreate, caller: str
-) -> lifecycle.NewVideo:
-    """Turn the body into what is stored: an uploaded image becomes its public URL."""
-    if body.image_url is None and body.image_id is None:
-        raise _field_error(
-            "image_url",
-            "field required: give image_url (an https URL) or image_id (from POST /v1/images)",
-        )
-    if body.image_url is not None and body.image_id is not None:
-        raise _field_error("image_url", "give image_url or image_id, not both")
-    image_url = body.image_url
-    if body.image_id is not None:
-        image = await images.get_owned(session, body.image_id, owner=caller)
-        if image is None:
-            raise _field_error("image_id", f"no uploaded image with id {body.image_id}")
-        image_url = images.public_url(ctx.settings.public_base, image)
-    if body.notify_url is not None:
-        problem = notify_url_problem(body.notify_url, allow_local=ctx.settings.NOTIFY_ALLOW_LOCAL)
-        if problem:
-            raise _field_error("notify_url", problem)
-        if ctx.settings.NOTIFY_SECRET is None:
-            raise _field_error(
-                "notify_url",
-                "this server has no NOTIFY_SECRET, so it cannot sign notifications; "
-                "leave notify_url out or ask the operator to set NOTIFY_SECRET",
-            )
-    assert image_url is not None
-    return lifecycle.NewVideo(
-        image_url=image_url,
-        prompt=body.prompt,
-        resolution=body.resolution,
-        duration=body.duration,
-        image_id=body.image_id,
-        notify_url=body.notify_url,
-    )
+def to_out(settings: Settings, video: Video, notification: Notification | None = None) -> VideoOut:
+    return VideoOut.of(video, public_base=settings.public_base, notification=notification)
 
 
 @router.post(
@@ -122,7 +88,8 @@ async def _resolve_params(
 )
 async def create_video(
     body: VideoCreate,
-    ctx: ContextDep,
+    settings: SettingsDep,
+    submission: SubmissionDep,
     session: SessionDep,
     caller: CallerDep,
     response: Response,
@@ -135,56 +102,34 @@ async def create_video(
         ),
     ] = None,
 ) -> VideoOut:
-    now = ctx.clock()
-    limit = ctx.settings.DAILY_VIDEO_SECONDS_LIMIT
-    async with session.begin():
-        params = await _resolve_params(ctx, session, body, caller)
-        video, created = await lifecycle.create_video(
-            session,
-            params=params,
-            owner=caller,
-            idempotency_key=idempotency_key,
-            now=now,
-            submit_hold=ctx.submit_policy.in_flight_hold,
+    try:
+        result = await submission.submit(
+            session, body, owner=caller, idempotency_key=idempotency_key
         )
-        if created == lifecycle.Created.created and limit:
-            total = await lifecycle.reserve_spend(
-                session, owner=caller, day=now.date(), seconds=body.duration, limit=limit
-            )
-            if total is None:
-                used = await lifecycle.spent(session, owner=caller, day=now.date())
-                METRICS.submits.labels("over_limit").inc()
-                # Raising rolls the transaction back: the video row goes too, nothing is sent.
-                raise _over_limit(now, used=used, limit=limit, asked=body.duration)
-    if created != lifecycle.Created.created:
-        METRICS.submits.labels(created.value).inc()
-    if created == lifecycle.Created.conflict:
+    except Invalid as exc:
+        raise RequestValidationError(
+            [{"type": FIELD_RULE, "loc": ("body", exc.field), "msg": exc.message}]
+        ) from None
+    except OverLimit as exc:
+        raise _over_limit(exc) from None
+    if result.created == lifecycle.Created.conflict:
         raise Conflict(
             "Idempotency-Key was already used with different parameters; use a new key "
             "for a new video",
             code="idempotency_conflict",
-            extra={"video": to_out(ctx, video)},
+            extra={"video": to_out(settings, result.video)},
         )
-    if created == lifecycle.Created.replayed:
+    if result.created == lifecycle.Created.replayed:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
-        return to_out(ctx, video)
-    result = await submit_video(
-        ctx.sessionmaker,
-        video=video,
-        hiapi=ctx.hiapi,
-        policy=ctx.submit_policy,
-        clock=ctx.clock,
-        callback_url=ctx.callback_url,
-    )
-    current = result.video or video
+        return to_out(settings, result.video)
     if result.rejected is not None:
         raise UpstreamRejected(
             f"hiapi rejected the task ({result.rejected.status_code} {result.rejected.code}): "
             f"{result.rejected.message}",
-            extra={"video": to_out(ctx, current)},
+            extra={"video": to_out(settings, result.video)},
         )
-    return to_out(ctx, current)
+    return to_out(settings, result.video)
 
 
 @router.get(
@@ -195,7 +140,8 @@ async def create_video(
     responses={401: ERRORS[401], 422: {"model": ErrorOut, "description": "Bad parameter."}},
 )
 async def list_videos(
-    ctx: ContextDep,
+    settings: SettingsDep,
+    secret: SecretDep,
     session: SessionDep,
     caller: CallerDep,
     status_: Annotated[
@@ -221,21 +167,25 @@ async def list_videos(
             status=status_,
             limit=limit,
             cursor=cursor,
-            secret=ctx.webhook_secret,
+            secret=secret,
         )
     except repository.BadCursor as exc:  # same 422 shape as any bad query parameter
         raise RequestValidationError(
             [{"loc": ("query", "cursor"), "msg": str(exc), "type": "value_error"}]
         ) from None
     notes = await repository.notifications_for(session, [v.id for v in rows if v.notify_url])
-    return VideoPage(items=[to_out(ctx, v, notes.get(v.id)) for v in rows], next_cursor=next_cursor)
+    return VideoPage(
+        items=[to_out(settings, v, notes.get(v.id)) for v in rows], next_cursor=next_cursor
+    )
 
 
-def _over_limit(now: datetime, *, used: int, limit: int, asked: int) -> AppError:
+def _over_limit(refused: OverLimit) -> AppError:
+    now = refused.now
     resets = datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=UTC)
     return AppError(
-        f"daily limit reached: {used} of {limit} video-seconds used today, this video needs "
-        f"{asked}; the limit resets at {resets.isoformat().replace('+00:00', 'Z')}",
+        f"daily limit reached: {refused.used} of {refused.limit} video-seconds used today, "
+        f"this video needs {refused.asked}; the limit resets at "
+        f"{resets.isoformat().replace('+00:00', 'Z')}",
         code="daily_limit_exceeded",
         status_code=429,
         extra={"resets_at": resets},
@@ -258,11 +208,11 @@ async def _video_or_404(session: SessionDep, video_id: uuid.UUID, owner: str) ->
     summary="Read one video",
 )
 async def read_video(
-    video_id: uuid.UUID, ctx: ContextDep, session: SessionDep, caller: CallerDep
+    video_id: uuid.UUID, settings: SettingsDep, session: SessionDep, caller: CallerDep
 ) -> VideoOut:
     video = await _video_or_404(session, video_id, caller)
     note = await lifecycle.latest_notification(session, video.id) if video.notify_url else None
-    return to_out(ctx, video, note)
+    return to_out(settings, video, note)
 
 
 @router.get(
@@ -310,7 +260,7 @@ async def read_video(
     },
 )
 async def video_content(
-    video_id: uuid.UUID, ctx: ContextDep, session: SessionDep, caller: CallerDep
+    video_id: uuid.UUID, storage: StorageDep, session: SessionDep, caller: CallerDep
 ) -> Response:
     video = await _video_or_404(session, video_id, caller)
     if video.status != Status.ready or video.storage_key is None:
@@ -318,7 +268,7 @@ async def video_content(
             f"video {video_id} is {video.status}; content is available once it is ready",
             code="not_ready",
         )
-    presigned = await ctx.storage.presigned_url(video.storage_key)
+    presigned = await storage.presigned_url(video.storage_key)
     if presigned is not None:
         # The link expires: no cache may keep the redirect longer than the link lives.
         return RedirectResponse(
@@ -326,7 +276,7 @@ async def video_content(
             status_code=status.HTTP_307_TEMPORARY_REDIRECT,
             headers={"Cache-Control": "no-store"},
         )
-    path = await asyncio.to_thread(ctx.storage.local_path, video.storage_key)
+    path = await asyncio.to_thread(storage.local_path, video.storage_key)
     if path is None or not await asyncio.to_thread(path.is_file):
         raise AppError(
             f"the stored file of video {video_id} is missing from storage",
@@ -378,7 +328,11 @@ STATUS_ORDER: dict[str, int] = {
 )
 async def video_events(
     video_id: uuid.UUID,
-    ctx: ContextDep,
+    settings: SettingsDep,
+    sessionmaker: SessionmakerDep,
+    stop: StopDep,
+    streams: EventStreamsDep,
+    api_keys: ApiKeysDep,
     session: SessionDep,
     caller: CallerDep,
     request: Request,
@@ -386,7 +340,6 @@ async def video_events(
 ) -> StreamingResponse:
     await _video_or_404(session, video_id, caller)
     await session.close()  # the stream opens short sessions of its own
-    settings = ctx.settings
 
     async def stream() -> AsyncGenerator[str, None]:
         last = last_event_id
@@ -394,11 +347,11 @@ async def video_events(
         next_heartbeat = loop.time() + settings.EVENTS_HEARTBEAT_SECONDS
         end = loop.time() + settings.EVENTS_MAX_STREAM_SECONDS
         yield "retry: 2000\n\n"
-        while not ctx.stop.is_set() and not await request.is_disconnected():
+        while not stop.is_set() and not await request.is_disconnected():
             if loop.time() >= end:
                 yield ": stream lifetime reached; reconnect with Last-Event-ID\n\n"
                 return
-            async with ctx.sessionmaker() as events_session:
+            async with sessionmaker() as events_session:
                 video = await lifecycle.get(events_session, video_id)
                 if video is None:
                     return
@@ -411,7 +364,7 @@ async def video_events(
             final = video.status in TERMINAL
             if event_id != last:
                 kind = video.status if final else "status"
-                data = to_out(ctx, video, note).model_dump_json()
+                data = to_out(settings, video, note).model_dump_json()
                 yield f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n"
                 last = event_id
             if final:
@@ -421,15 +374,15 @@ async def video_events(
                 next_heartbeat = loop.time() + settings.EVENTS_HEARTBEAT_SECONDS
             with contextlib.suppress(TimeoutError):
                 wait = min(settings.EVENTS_POLL_SECONDS, max(0.0, end - loop.time()))
-                await asyncio.wait_for(ctx.stop.wait(), wait)
+                await asyncio.wait_for(stop.wait(), wait)
 
     # On an open API every caller is the same owner (""): count streams per client address
     # instead, so that anonymous viewers do not share one process-wide allowance.
     client = request.client.host if request.client else ""
     return EventStreamResponse(
         stream(),
-        slots=ctx.event_streams,
-        caller=caller if not ctx.api_keys.open else f"client:{client}",
+        slots=streams,
+        caller=caller if not api_keys.open else f"client:{client}",
         limit=settings.EVENTS_MAX_STREAMS,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

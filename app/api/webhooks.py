@@ -1,9 +1,10 @@
 """``POST /webhooks/hiapi/{video_id}/{token}``: hiapi's callback.
 
 It answers within one short SQL transaction: no network or file I/O. The URL's token proves
-the caller got it from us; the conditional update in ``lifecycle.apply_task`` makes duplicate
-or concurrent copies harmless; a won download starts as its own task,
-beside the response (or waits in the table when no download slot is free here).
+the caller got it from us; the body is handed to ``app.intake``, where the reconciler's polls
+go too: the conditional update of the state machine makes duplicate or concurrent copies
+harmless, and a won download starts as its own task beside the response (or waits in the
+table when no download slot is free here).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import lifecycle
-from app.context import AppContext
+from app.context import context_of
 from app.errors import AppError
-from app.hiapi.schemas import TaskStatus, parse_task_payload
+from app.hiapi.schemas import parse_task_payload
 from app.logging import bind
 from app.metrics import METRICS
 from app.models import Via
@@ -110,7 +111,7 @@ async def hiapi_callback(request: Request) -> Response:
     # The hot path. ``app.main`` serves it through a plain Starlette route, so there are no
     # parameters or dependencies to solve and no response model to validate; the decorator
     # above only documents it. The ack is written directly (its schema is ``CallbackAck``).
-    ctx: AppContext = request.app.state.ctx
+    ctx = context_of(request.app)
     video_id: str = request.path_params["video_id"]
     token: str = request.path_params["token"]
     try:
@@ -118,7 +119,7 @@ async def hiapi_callback(request: Request) -> Response:
     except ValueError:
         METRICS.callbacks.labels("bad_token").inc()
         raise HTTPException(404, "not found") from None
-    if not token_matches(ctx.webhook_secret, vid, token):
+    if not token_matches(ctx.secret, vid, token):
         log.warning("webhook.bad_token", extra={"video_id": vid})
         METRICS.callbacks.labels("bad_token").inc()
         raise HTTPException(404, "not found")
@@ -133,40 +134,19 @@ async def hiapi_callback(request: Request) -> Response:
         ) from None
 
     with bind(video_id=vid, task_id=task.taskId):
-        # An output URL we won't fetch turns the report into a failure (``app.outputs``).
-        task = ctx.outputs.vet(task, now=ctx.clock())
-    # A success takes a download slot of this process if one is free; otherwise it is
-    # queued in the database for whichever replica frees a slot first.
-    reserved = task.status == TaskStatus.success and bool(task.output) and ctx.runner.try_reserve()
-    owner = uuid.uuid4().hex if reserved else None
-    started = False
-    try:
-        with bind(video_id=vid, task_id=task.taskId):
-            # Written together with the callbacks arriving alongside; answered after the commit.
-            outcome = await ctx.callbacks.submit(
-                lifecycle.TaskReport(vid, task, Via.callback, owner)
+        # Written together with the callbacks arriving alongside; answered after the commit.
+        outcome = await ctx.intake.accept(vid, task, via=Via.callback)
+        if outcome == lifecycle.ApplyOutcome.unknown_video:
+            raise HTTPException(404, "not found")
+        if outcome == lifecycle.ApplyOutcome.foreign_task:
+            log.warning("webhook.foreign_task")
+            METRICS.callbacks.labels("foreign_task").inc()
+            raise AppError(
+                "this task does not belong to this video", code="foreign_task", status_code=409
             )
-            if outcome == lifecycle.ApplyOutcome.unknown_video:
-                raise HTTPException(404, "not found")
-            if outcome == lifecycle.ApplyOutcome.foreign_task:
-                log.warning("webhook.foreign_task")
-                METRICS.callbacks.labels("foreign_task").inc()
-                raise AppError(
-                    "this task does not belong to this video",
-                    code="foreign_task",
-                    status_code=409,
-                )
-            METRICS.callbacks.labels(outcome.value).inc()
-            if outcome in _NO_CHANGE:
-                log.debug("webhook.%s status=%s", outcome.value, task.status.value)
-            else:
-                log.info("webhook.%s status=%s", outcome.value, task.status.value)
-            if outcome == lifecycle.ApplyOutcome.download_claimed and owner is not None:
-                # A task of its own, not a response background task: Starlette skips those
-                # when the client has gone, which would leave the reserved slot taken.
-                ctx.runner.start_download(vid, owner, reserved=True)
-                started = True
-    finally:
-        if reserved and not started:
-            ctx.runner.release()
+        METRICS.callbacks.labels(outcome.value).inc()
+        if outcome in _NO_CHANGE:
+            log.debug("webhook.%s status=%s", outcome.value, task.status.value)
+        else:
+            log.info("webhook.%s status=%s", outcome.value, task.status.value)
     return Response(_ACKS[outcome], media_type="application/json")

@@ -41,8 +41,9 @@ from app.metrics import METRICS
 from app.models import Notification
 from app.net import is_public_address
 from app.retry import backoff_seconds
+from app.schemas import notify_url_problem
 
-__all__ = ["Notifier", "notify_url_problem", "sign"]
+__all__ = ["Notifier", "secret_bytes", "sign"]
 
 log = logging.getLogger(__name__)
 HOLD = timedelta(seconds=60)
@@ -58,26 +59,6 @@ def sign(secret: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     signed = f"{msg_id}.{timestamp}.".encode() + body
     digest = hmac.new(secret, signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
-
-
-def notify_url_problem(url: str, *, allow_local: bool) -> str | None:
-    """Why ``url`` can't be a notify_url, or None. An IP literal is checked here; a name's
-    addresses are checked on every delivery (``Notifier``), before connecting."""
-    try:
-        parsed = httpx.URL(url)
-        host = canonical_host(parsed.raw_host.decode("ascii")) if parsed.raw_host else ""
-    except (httpx.InvalidURL, ValueError, UnicodeError) as exc:
-        return f"must be an absolute https URL ({exc})"
-    if parsed.scheme not in ("https", "http") or not host or parsed.userinfo:
-        return "must be an absolute https URL without credentials"
-    if parsed.scheme == "http" and not allow_local:
-        return "must use https"
-    if not allow_local and _is_ip(host) and not is_public_address(host):
-        return (
-            f"{parsed.host} is a private or local address, which notifications are never sent to; "
-            "give a public https URL (NOTIFY_ALLOW_LOCAL=true allows it, for development only)"
-        )
-    return None
 
 
 def _is_ip(host: str) -> bool:

@@ -4,10 +4,11 @@ Every ``RECONCILE_INTERVAL_SECONDS`` each replica runs one tick:
 
 1. resubmit ``queued`` videos whose retry time has come;
 2. poll ``GET /v1/tasks/{taskId}`` for ``processing`` videos still waiting
-   ``RECONCILE_AFTER_SECONDS`` after submit, and apply the answer through
-   ``lifecycle.apply_task`` (the webhook's own code path). A terminal answer found this way
-   is a *recovered* video: its callback never arrived. Operators watch that number;
-3. resume downloads whose lease expired (a crashed or stopped replica) or whose retry time came.
+   ``RECONCILE_AFTER_SECONDS`` after submit, and hand the answer to ``app.intake`` (the
+   webhook's own path). A terminal answer found this way is a *recovered* video: its callback
+   never arrived. Operators watch that number;
+3. resume downloads whose lease expired (a crashed or stopped replica) or whose retry time
+   came (``JobRunner.refill``).
 
 Rows are claimed with one conditional UPDATE (``FOR UPDATE SKIP LOCKED`` on Postgres), so
 replicas running the same tick never work on the same video.
@@ -30,12 +31,12 @@ from app import images, lifecycle
 from app.hiapi.client import HiapiClient
 from app.hiapi.errors import HiapiError, HiapiRejected
 from app.hiapi.schemas import TaskStatus
+from app.intake import Intake
 from app.jobs.runner import JobRunner
-from app.jobs.submitter import SubmitPolicy, submit_video
+from app.jobs.submitter import Submitter
 from app.logging import bind
 from app.metrics import METRICS
 from app.models import Status, Via, Video
-from app.outputs import OutputCheck
 from app.retry import backoff_seconds
 
 __all__ = ["ReconcileStats", "Reconciler"]
@@ -62,13 +63,11 @@ class Reconciler:
         *,
         sessionmaker: async_sessionmaker[AsyncSession],
         hiapi: HiapiClient,
+        submitter: Submitter,
+        intake: Intake,
         runner: JobRunner,
-        policy: SubmitPolicy,
-        callback_url: Callable[[uuid.UUID], str],
-        outputs: OutputCheck,
         interval: float,
         batch_size: int,
-        lease: timedelta,
         clock: Callable[[], datetime],
         task_timeout: timedelta = timedelta(days=1),
         poll_hold: timedelta = timedelta(seconds=60),
@@ -77,13 +76,12 @@ class Reconciler:
     ) -> None:
         self._sm = sessionmaker
         self._hiapi = hiapi
+        self._submitter = submitter
+        self._policy = submitter.policy
+        self._intake = intake
         self._runner = runner
-        self._policy = policy
-        self._callback_url = callback_url
-        self._outputs = outputs
         self._interval = interval
         self._batch = batch_size
-        self._lease = lease
         self._clock = clock
         self._task_timeout = task_timeout
         # A claimed poll is retried by anyone after this: long enough for one GET to time
@@ -123,43 +121,30 @@ class Reconciler:
             setattr(self.totals, key, getattr(self.totals, key) + value)
         return stats
 
-    async def _claim(
-        self, status: Status, hold: timedelta, limit: int | None = None
-    ) -> tuple[str, list[Video]]:
-        owner = uuid.uuid4().hex
-        if limit == 0:
-            return owner, []
+    async def _claim(self, status: Status, hold: timedelta) -> list[Video]:
         async with self._sm() as session, session.begin():
-            rows = await lifecycle.claim_due(
+            return await lifecycle.claim_due(
                 session,
                 status=status,
                 now=self._clock(),
                 hold=hold,
-                owner=owner,
-                limit=min(limit, self._batch) if limit is not None else self._batch,
+                owner=uuid.uuid4().hex,
+                limit=self._batch,
             )
-        return owner, rows
 
     async def _resubmit(self, stats: ReconcileStats) -> None:
-        _, videos = await self._claim(Status.queued, self._policy.in_flight_hold)
+        videos = await self._claim(Status.queued, self._policy.in_flight_hold)
         slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
 
         async def submit(video: Video) -> None:
             async with slots:
-                await submit_video(
-                    self._sm,
-                    video=video,
-                    hiapi=self._hiapi,
-                    policy=self._policy,
-                    clock=self._clock,
-                    callback_url=self._callback_url,
-                )
+                await self._submitter.submit(video)
             stats.resubmitted += 1
 
         await asyncio.gather(*(submit(video) for video in videos))
 
     async def _poll(self, stats: ReconcileStats) -> None:
-        _, videos = await self._claim(Status.processing, self._poll_hold)
+        videos = await self._claim(Status.processing, self._poll_hold)
         slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
 
         async def poll(video: Video) -> None:
@@ -192,30 +177,9 @@ class Reconciler:
                 )
                 return
             if task is not None and task.status != TaskStatus.handling:
-                # Like the webhook: an output URL we won't fetch fails the video here and now,
-                # and the download is ours only if a slot is free here.
-                task = self._outputs.vet(task, now=self._clock())
-                reserved = (
-                    task.status == TaskStatus.success
-                    and bool(task.output)
-                    and self._runner.try_reserve()
-                )
-                owner = uuid.uuid4().hex if reserved else None
-                try:
-                    async with self._sm() as session, session.begin():
-                        outcome = await lifecycle.apply_task(
-                            session,
-                            video_id=video.id,
-                            task=task,
-                            via=Via.poll,
-                            owner=owner,
-                            now=self._clock(),
-                            lease=self._lease,
-                        )
-                except BaseException:
-                    if reserved:
-                        self._runner.release()
-                    raise
+                # The webhook's path: an output URL we won't fetch fails the video here and
+                # now, and the download is ours only if a slot is free here.
+                outcome = await self._intake.accept(video.id, task, via=Via.poll)
                 if outcome in (
                     lifecycle.ApplyOutcome.download_claimed,
                     lifecycle.ApplyOutcome.download_queued,
@@ -224,10 +188,6 @@ class Reconciler:
                     stats.recovered += 1
                     METRICS.recovered.inc()
                     log.warning("reconciler.recovered status=%s (no callback arrived)", task.status)
-                if outcome == lifecycle.ApplyOutcome.download_claimed and owner is not None:
-                    self._runner.start_download(video.id, owner, reserved=True)
-                elif reserved:
-                    self._runner.release()
                 return
             if error is None:
                 stats.still_running += 1
@@ -258,16 +218,4 @@ class Reconciler:
             log.warning("reconciler.gave_up code=%s", code)
 
     async def _resume_downloads(self, stats: ReconcileStats) -> None:
-        stats.downloads_resumed += await self.refill()
-
-    async def refill(self) -> int:
-        """Claim due downloads (queued by a webhook with no free slot, released, or with an
-        expired lease) up to the free slots here, and start them. Claiming no more than this
-        replica can start now keeps a claimed download from outliving its lease while it
-        waits for a slot."""
-        owner, videos = await self._claim(
-            Status.downloading, self._lease, limit=self._runner.free_slots
-        )
-        for video in videos:
-            self._runner.start_download(video.id, owner)
-        return len(videos)
+        stats.downloads_resumed += await self._runner.refill()

@@ -2,7 +2,7 @@
 
 The database is the download queue: a success that finds no free slot here is recorded as
 ``downloading`` with no lease owner and due at once, and whichever process has a slot free
-first claims it (``refill``, run each time a download here ends, and every reconciler tick).
+first claims it (``refill``, run each time a download here ends, and on every reconciler tick).
 """
 
 from __future__ import annotations
@@ -10,9 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app import lifecycle
 from app.jobs.downloader import Downloader
+from app.models import Status
 
 __all__ = ["JobRunner"]
 
@@ -26,14 +31,27 @@ class JobRunner:
     replica takes it meanwhile, ``Downloader.run`` sees the lost lease and does nothing.
     """
 
-    def __init__(self, downloader: Downloader, *, stop: asyncio.Event, concurrency: int) -> None:
+    def __init__(
+        self,
+        downloader: Downloader,
+        *,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        clock: Callable[[], datetime],
+        lease: timedelta,
+        batch_size: int,
+        stop: asyncio.Event,
+        concurrency: int,
+    ) -> None:
         self._downloader = downloader
+        self._sm = sessionmaker
+        self._clock = clock
+        self._lease = lease
+        self._batch = batch_size
         self._stop = stop
         self._slots = asyncio.Semaphore(max(1, concurrency))
         self._concurrency = concurrency
         self._tasks: set[asyncio.Task[None]] = set()
         self._reserved = 0
-        self.refill: Callable[[], Awaitable[object]] | None = None  # claims queued downloads
         self._refilling: asyncio.Task[None] | None = None
         self._refill_again = False
 
@@ -46,7 +64,7 @@ class JobRunner:
         return max(0, self._concurrency - len(self._tasks) - self._reserved)
 
     def try_reserve(self) -> bool:
-        """Hold a slot for a download about to be claimed (by the webhook): True if one was
+        """Hold a slot for a download about to be claimed (``app.intake``): True if one was
         free. Pass ``reserved=True`` to ``start_download``, or call ``release``."""
         if self.free_slots <= 0:
             return False
@@ -70,9 +88,31 @@ class JobRunner:
         self._tasks.add(task)
         task.add_done_callback(self._ended)
 
+    async def refill(self) -> int:
+        """Claim due downloads (queued by a report with no free slot, released, or with an
+        expired lease) up to the free slots here, and start them. Claiming no more than this
+        process can start now keeps a claimed download from outliving its lease while it
+        waits for a slot."""
+        limit = min(self.free_slots, self._batch)
+        if limit == 0:
+            return 0
+        owner = uuid.uuid4().hex
+        async with self._sm() as session, session.begin():
+            videos = await lifecycle.claim_due(
+                session,
+                status=Status.downloading,
+                now=self._clock(),
+                hold=self._lease,
+                owner=owner,
+                limit=limit,
+            )
+        for video in videos:
+            self.start_download(video.id, owner)
+        return len(videos)
+
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if self.refill is None or self._stop.is_set():
+        if self._stop.is_set():
             return
         if self._refilling is not None and not self._refilling.done():
             self._refill_again = True  # one more pass when the running one ends
@@ -80,7 +120,6 @@ class JobRunner:
         self._refilling = asyncio.create_task(self._refill_loop(), name="download-refill")
 
     async def _refill_loop(self) -> None:
-        assert self.refill is not None
         while True:
             self._refill_again = False
             try:

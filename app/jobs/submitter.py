@@ -30,7 +30,7 @@ from app.metrics import METRICS
 from app.models import Video
 from app.retry import backoff_seconds
 
-__all__ = ["SubmitPolicy", "SubmitResult", "submit_video"]
+__all__ = ["SubmitPolicy", "SubmitResult", "Submitter"]
 
 log = logging.getLogger(__name__)
 
@@ -51,75 +51,92 @@ class SubmitResult:
     rejected: HiapiRejected | None = None
 
 
-async def submit_video(
-    sessionmaker: async_sessionmaker[AsyncSession],
-    *,
-    video: Video,
-    hiapi: HiapiClient,
-    policy: SubmitPolicy,
-    clock: Callable[[], datetime],
-    callback_url: Callable[[uuid.UUID], str],
-) -> SubmitResult:
-    """One attempt to create the task of a queued video. No transaction is held during I/O."""
-    with bind(video_id=video.id):
-        try:
-            task_id = await hiapi.create_task(
-                image_url=video.image_url,
-                prompt=video.prompt,
-                resolution=video.resolution,
-                duration=video.duration,
-                callback_url=callback_url(video.id),
-            )
-        except HiapiRejected as exc:
-            async with sessionmaker() as session, session.begin():
-                failed = await lifecycle.record_submit_rejected(
-                    session, video_id=video.id, code=exc.code, message=exc.message, now=clock()
+class Submitter:
+    """One attempt to create the task of a queued video, with the rules above. The first
+    attempt comes from ``app.submission``, the retries from the reconciler."""
+
+    def __init__(
+        self,
+        *,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        hiapi: HiapiClient,
+        policy: SubmitPolicy,
+        clock: Callable[[], datetime],
+        callback_url: Callable[[uuid.UUID], str],
+    ) -> None:
+        self._sm = sessionmaker
+        self._hiapi = hiapi
+        self.policy = policy
+        self._clock = clock
+        self._callback_url = callback_url
+
+    async def submit(self, video: Video) -> SubmitResult:
+        """No transaction is held during I/O."""
+        with bind(video_id=video.id):
+            try:
+                task_id = await self._hiapi.create_task(
+                    image_url=video.image_url,
+                    prompt=video.prompt,
+                    resolution=video.resolution,
+                    duration=video.duration,
+                    callback_url=self._callback_url(video.id),
                 )
-            log.warning("submit.rejected status=%s code=%s", exc.status_code, exc.code)
-            METRICS.submits.labels("rejected").inc()
-            return SubmitResult(failed or await _reload(sessionmaker, video.id), rejected=exc)
-        except HiapiUnavailable as exc:
-            ambiguous = isinstance(exc, HiapiTimeout)
-            METRICS.submits.labels("ambiguous" if ambiguous else "retry_later").inc()
-            now = clock()
-            delay = timedelta(
-                seconds=backoff_seconds(
-                    video.submit_attempts, base=policy.retry_base, cap=policy.retry_max
+            except HiapiRejected as exc:
+                async with self._sm() as session, session.begin():
+                    failed = await lifecycle.record_submit_rejected(
+                        session,
+                        video_id=video.id,
+                        code=exc.code,
+                        message=exc.message,
+                        now=self._clock(),
+                    )
+                log.warning("submit.rejected status=%s code=%s", exc.status_code, exc.code)
+                METRICS.submits.labels("rejected").inc()
+                return SubmitResult(failed or await _reload(self._sm, video.id), rejected=exc)
+            except HiapiUnavailable as exc:
+                ambiguous = isinstance(exc, HiapiTimeout)
+                METRICS.submits.labels("ambiguous" if ambiguous else "retry_later").inc()
+                now = self._clock()
+                delay = timedelta(
+                    seconds=backoff_seconds(
+                        video.submit_attempts,
+                        base=self.policy.retry_base,
+                        cap=self.policy.retry_max,
+                    )
                 )
-            )
-            if ambiguous:
-                delay = max(delay, policy.poll_after)
-            async with sessionmaker() as session, session.begin():
-                queued = await lifecycle.record_submit_retry(
-                    session,
-                    video_id=video.id,
-                    error=exc.message,
-                    ambiguous=ambiguous,
-                    retry_at=now + delay,
-                    now=now,
+                if ambiguous:
+                    delay = max(delay, self.policy.poll_after)
+                async with self._sm() as session, session.begin():
+                    queued = await lifecycle.record_submit_retry(
+                        session,
+                        video_id=video.id,
+                        error=exc.message,
+                        ambiguous=ambiguous,
+                        retry_at=now + delay,
+                        now=now,
+                    )
+                log.warning(
+                    "submit.retry in=%.1fs ambiguous=%s error=%s",
+                    delay.total_seconds(),
+                    ambiguous,
+                    exc.message,
                 )
-            log.warning(
-                "submit.retry in=%.1fs ambiguous=%s error=%s",
-                delay.total_seconds(),
-                ambiguous,
-                exc.message,
-            )
-            return SubmitResult(queued or await _reload(sessionmaker, video.id))
-        with bind(task_id=task_id):
-            async with sessionmaker() as session, session.begin():
-                stored = await lifecycle.record_submit_success(
-                    session,
-                    video_id=video.id,
-                    task_id=task_id,
-                    now=clock(),
-                    poll_after=policy.poll_after,
-                )
-            METRICS.submits.labels("created").inc()
-            if stored is None:
-                log.info("submit.created_after_callback")
-            else:
-                log.info("submit.created")
-        return SubmitResult(stored or await _reload(sessionmaker, video.id))
+                return SubmitResult(queued or await _reload(self._sm, video.id))
+            with bind(task_id=task_id):
+                async with self._sm() as session, session.begin():
+                    stored = await lifecycle.record_submit_success(
+                        session,
+                        video_id=video.id,
+                        task_id=task_id,
+                        now=self._clock(),
+                        poll_after=self.policy.poll_after,
+                    )
+                METRICS.submits.labels("created").inc()
+                if stored is None:
+                    log.info("submit.created_after_callback")
+                else:
+                    log.info("submit.created")
+            return SubmitResult(stored or await _reload(self._sm, video.id))
 
 
 async def _reload(

@@ -3,7 +3,8 @@
 It opens the given (already migrated) SQLite database, creates one video and moves it to
 ``downloading`` through ``app.lifecycle`` exactly as a success callback would, then runs
 ``Downloader.run`` on it: streaming, sha256, the MP4 check, fsync and rename, ``mark_ready``.
-The HTTP client, storage and limits come from ``app.context.build_context``, as in the service.
+The HTTP client comes from ``app.context.download_session`` and the limits from the
+settings, as in the service.
 It writes wall time, CPU time, peak RSS (``VmHWM``) and the time spent in ``storage.commit``
 (fsync and rename) as JSON to ``--out``.
 """
@@ -25,7 +26,7 @@ from pydantic import SecretStr
 
 from app import lifecycle
 from app.config import Settings
-from app.context import build_context
+from app.context import download_session
 from app.db import create_engine, create_sessionmaker, utc_now
 from app.hiapi.schemas import Task, TaskStatus
 from app.jobs.downloader import Downloader, DownloadSettings
@@ -73,21 +74,23 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     )
     engine = create_engine(settings.DATABASE_URL)
     sm = create_sessionmaker(engine)
-    ctx = build_context(settings, engine=engine, sessionmaker=sm, clock=utc_now, head_revision=None)
+    allowlist = HostAllowlist.parse(settings.DOWNLOAD_ALLOWED_HOSTS)
+    http = download_session(allowlist, concurrency=settings.DOWNLOAD_CONCURRENCY)
+    lease = timedelta(seconds=settings.DOWNLOAD_LEASE_SECONDS)
     storage = _TimedStorage(settings.STORAGE_DIR)
     await asyncio.to_thread(storage.ensure_dirs)
     downloader = Downloader(
         sessionmaker=sm,
-        http=ctx.download_http,
+        http=http,
         storage=storage,
-        allowlist=HostAllowlist.parse(settings.DOWNLOAD_ALLOWED_HOSTS),
+        allowlist=allowlist,
         settings=DownloadSettings(
             max_bytes=settings.MAX_VIDEO_BYTES,
-            lease=ctx.lease,
+            lease=lease,
             retry_base=settings.RETRY_BASE_SECONDS,
             retry_max=settings.RETRY_MAX_SECONDS,
         ),
-        stop=ctx.stop,
+        stop=asyncio.Event(),
         clock=utc_now,
     )
     try:
@@ -120,7 +123,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 via=Via.callback,
                 owner=owner,
                 now=utc_now(),
-                lease=ctx.lease,
+                lease=lease,
             )
         if outcome != lifecycle.ApplyOutcome.download_claimed:
             raise RuntimeError(f"the setup callback was not applied: {outcome}")
@@ -148,7 +151,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             "ready": stored.status == Status.ready,
         }
     finally:
-        await ctx.aclose()
+        await http.close()
+        await engine.dispose()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

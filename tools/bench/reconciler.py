@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import lifecycle
 from app.config import Settings
-from app.context import build_context
+from app.context import open_context
 from app.db import create_engine, create_sessionmaker, utc_now
 from app.models import Status, Video
 from tools.bench.common import (
@@ -106,8 +106,6 @@ async def _measure(url: str, total: int, workdir: Path) -> dict[str, Any]:
     )
     engine = create_engine(url)
     sm = create_sessionmaker(engine)
-    ctx = build_context(settings, engine=engine, sessionmaker=sm, clock=utc_now, head_revision=None)
-    ctx.stop.set()  # the job runner starts no download; resumed claims still happen
     captured: list[tuple[str, Any]] = []
 
     def capture(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _many: bool) -> None:
@@ -152,10 +150,14 @@ async def _measure(url: str, total: int, workdir: Path) -> dict[str, Any]:
         plan = "\n".join(" | ".join(str(c) for c in row) for row in plan_rows)
 
         ticks = []
-        for _ in range(2):
-            started = time.perf_counter()
-            stats = await ctx.reconciler.tick()
-            ticks.append((time.perf_counter() - started) * 1000)
+        async with open_context(
+            settings, engine=engine, sessionmaker=sm, clock=utc_now, head_revision=None
+        ) as ctx:
+            ctx.stop.set()  # the job runner starts no download (and claims none)
+            for _ in range(2):
+                started = time.perf_counter()
+                stats = await ctx.reconciler.tick()
+                ticks.append((time.perf_counter() - started) * 1000)
         claims = []
         claimed = 0
         for _ in range(3):
@@ -164,7 +166,7 @@ async def _measure(url: str, total: int, workdir: Path) -> dict[str, Any]:
                 claimed += len(await claim(session))
             claims.append((time.perf_counter() - started) * 1000)
     finally:
-        await ctx.aclose()
+        await engine.dispose()
     return {
         "claim_ms": statistics.median(claims),
         "claim_runs_ms": claims,
