@@ -33,7 +33,7 @@ from aiohttp.abc import AbstractResolver
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 
-from app import lifecycle
+from app import lifecycle, repository
 from app.auth import ApiKeys
 from app.config import Settings
 from app.group_commit import GroupCommit
@@ -204,10 +204,10 @@ async def open_context(
 
         async def render(video_id: uuid.UUID) -> dict[str, Any] | None:
             async with sessionmaker() as session:
-                video = await lifecycle.get(session, video_id)
+                video = await repository.get(session, video_id)
                 if video is None:
                     return None
-                note = await lifecycle.latest_notification(session, video_id)
+                note = await repository.latest_notification(session, video_id)
             out = VideoOut.of(video, public_base=settings.public_base, notification=note)
             return out.model_dump(mode="json")
 

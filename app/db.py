@@ -1,12 +1,15 @@
-"""Engine and session factories, the aware-UTC column type, and dialect helpers."""
+"""Engine and session factories, the aware-UTC column type, and the SQL that differs by
+dialect: the dialect's ``INSERT`` (for ``ON CONFLICT``) and the due-row claim (``SKIP LOCKED``
+matters on Postgres only)."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
-from sqlalchemy import DateTime, event
+from sqlalchemy import DateTime, event, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -17,7 +20,15 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["UTCDateTime", "create_engine", "create_sessionmaker", "is_sqlite", "utc_now"]
+__all__ = [
+    "UTCDateTime",
+    "claim_due_rows",
+    "create_engine",
+    "create_sessionmaker",
+    "dialect_insert",
+    "is_sqlite",
+    "utc_now",
+]
 
 
 def utc_now() -> datetime:
@@ -164,3 +175,52 @@ class _SqliteSession(AsyncSession):
 
     def begin(self) -> AsyncSessionTransaction:
         return _TurnTransaction(self, self.turns)
+
+
+# --- SQL that differs by dialect ---------------------------------------------------------
+
+
+def dialect_insert(session: AsyncSession) -> Any:
+    """The session's dialect's ``insert``: the one with ``on_conflict_do_nothing/_do_update``."""
+    name = session.get_bind().dialect.name
+    return postgresql.insert if name == "postgresql" else sqlite.insert
+
+
+_Claimed = TypeVar("_Claimed")
+
+
+async def claim_due_rows(
+    session: AsyncSession,
+    model: type[_Claimed],
+    *,
+    status: str,
+    now: datetime,
+    hold: timedelta,
+    owner: str,
+    limit: int,
+    **values: Any,
+) -> list[_Claimed]:
+    """The one claim statement, for any mapped table with ``id``, ``status``, ``due_at`` and
+    ``lease_owner`` (videos and notifications).
+
+    The inner SELECT skips rows another replica has locked (Postgres); the UPDATE pushes
+    ``due_at`` forward so nobody else picks them up until ``hold`` passes. SQLite serializes
+    writers, so the same statement is safe there without SKIP LOCKED.
+    """
+    table: Any = model  # a mapped class with the four columns above
+    due = (
+        select(table.id)
+        .where(table.status == status, table.due_at <= now)
+        .order_by(table.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(table)
+        .where(table.id.in_(due), table.status == status, table.due_at <= now)
+        .values(due_at=now + hold, lease_owner=owner, **values)
+        .returning(table)
+    )
+    result = await session.execute(stmt, execution_options={"synchronize_session": False})
+    return list(result.scalars().all())

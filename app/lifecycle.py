@@ -4,6 +4,8 @@ The submit endpoint, the webhook, the reconciler and the downloader all call the
 Each change is one conditional SQL statement whose result says who won: the caller that gets
 a row back acts (sends the task, starts the download); the others do nothing. This is what
 makes duplicate callbacks, concurrent replicas and restarts safe without in-memory locks.
+The operator's actions (``videorelay admin``) live in ``app/admin.py``, the notify_url outbox
+in ``app/outbox.py``, the spend quota in ``app/spend.py``, reads in ``app/repository.py``.
 
 State machine::
 
@@ -19,9 +21,9 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from sqlalchemy import (
     Integer,
@@ -31,7 +33,6 @@ from sqlalchemy import (
     Uuid,
     and_,
     bindparam,
-    case,
     func,
     insert,
     literal_column,
@@ -40,12 +41,13 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import UTCDateTime
+from app.db import UTCDateTime, claim_due_rows, dialect_insert
 from app.hiapi.schemas import Task, TaskStatus
-from app.models import DailySpend, Notification, NotifyStatus, Status, Via, Video
+from app.models import Status, Via, Video
+from app.outbox import queue_notification
+from app.spend import refund_spend
 
 __all__ = [
     "ApplyOutcome",
@@ -61,9 +63,6 @@ __all__ = [
     "fail_processing",
     "mark_ready",
     "record_poll_pending",
-    "refund_spend",
-    "reserve_spend",
-    "spent",
     "record_submit_rejected",
     "record_submit_retry",
     "record_submit_success",
@@ -71,7 +70,7 @@ __all__ = [
     "renew_lease",
 ]
 
-WAITING_FOR_TASK = (Status.queued, Status.processing)
+_WAITING_FOR_TASK = (Status.queued, Status.processing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +140,8 @@ async def create_video(
         return Video(**values), Created.created
     # One atomic statement closes the race of two identical requests arriving together:
     # exactly one insert wins; the other reads the winner's row.
-    insert = _insert_for(session)
     stmt = (
-        insert(Video)
+        dialect_insert(session)(Video)
         .values(**values)
         .on_conflict_do_nothing(index_elements=["owner", "idempotency_key"])
         .returning(Video.id)
@@ -166,11 +164,6 @@ async def create_video(
     return existing, (Created.replayed if same else Created.conflict)
 
 
-def _insert_for(session: AsyncSession) -> Any:
-    name = session.get_bind().dialect.name
-    return postgresql.insert if name == "postgresql" else sqlite.insert
-
-
 async def _update_returning(session: AsyncSession, where: Any, **values: Any) -> Video | None:
     stmt = update(Video).where(where).values(**values).returning(Video)
     result = await session.execute(stmt, execution_options={"synchronize_session": False})
@@ -181,62 +174,10 @@ async def _finish(session: AsyncSession, where: Any, now: datetime, **values: An
     """A transition into ``ready`` or ``failed``, with its notify_url delivery queued."""
     video = await _update_returning(session, where, **values)
     if video is not None and video.notify_url:
-        await _queue_notification(
+        await queue_notification(
             session, video_id=video.id, url=video.notify_url, status=video.status, now=now
         )
     return video
-
-
-async def get(session: AsyncSession, video_id: uuid.UUID) -> Video | None:
-    return (
-        await session.execute(
-            select(Video).where(Video.id == video_id).execution_options(populate_existing=True)
-        )
-    ).scalar_one_or_none()
-
-
-# --- spend -------------------------------------------------------------------------------
-
-
-async def reserve_spend(
-    session: AsyncSession, *, owner: str, day: date, seconds: int, limit: int
-) -> int | None:
-    """Add ``seconds`` to the owner's total for ``day`` if it stays within ``limit``.
-
-    One statement, so concurrent submits cannot overshoot: on Postgres the conflicting row is
-    locked and the ``WHERE`` re-checked after the other transaction commits; SQLite runs one
-    writer at a time. Returns the new total, or None when the limit would be exceeded.
-    """
-    if seconds > limit:
-        return None
-    insert = _insert_for(session)
-    stmt = insert(DailySpend).values(owner=owner, day=day, video_seconds=seconds)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["owner", "day"],
-        set_={"video_seconds": DailySpend.video_seconds + seconds},
-        where=DailySpend.video_seconds + seconds <= limit,
-    ).returning(DailySpend.video_seconds)
-    total: int | None = (await session.execute(stmt)).scalar_one_or_none()
-    return total
-
-
-async def spent(session: AsyncSession, *, owner: str, day: date) -> int:
-    row = await session.get(DailySpend, (owner, day))
-    return row.video_seconds if row is not None else 0
-
-
-async def refund_spend(session: AsyncSession, *, owner: str, day: date, seconds: int) -> None:
-    """Give back the seconds of a video hiapi refused (it was never billed)."""
-    await session.execute(
-        update(DailySpend)
-        .where(DailySpend.owner == owner, DailySpend.day == day)
-        .values(
-            video_seconds=case(
-                (DailySpend.video_seconds > seconds, DailySpend.video_seconds - seconds),
-                else_=0,
-            )
-        )
-    )
 
 
 # --- submit -----------------------------------------------------------------------------
@@ -328,12 +269,11 @@ async def record_submit_retry(
 # what the caller needs.
 
 _videos = cast(Table, Video.__table__)
-_notifications = cast(Table, Notification.__table__)
 _p_video = bindparam("p_video", type_=Uuid())
 _p_task = bindparam("p_task", type_=String())
 _p_now = bindparam("p_now", type_=UTCDateTime())
 # Literal values, not an expanding IN: its parameters would be re-rendered on every call.
-_waiting = _videos.c.status.in_([literal_column(f"'{s.value}'") for s in WAITING_FOR_TASK])
+_waiting = _videos.c.status.in_([literal_column(f"'{s.value}'") for s in _WAITING_FOR_TASK])
 _belongs = and_(
     _videos.c.id == _p_video,
     _waiting,
@@ -430,33 +370,6 @@ _RECORD_TASK = (
     )
     .returning(*_videos.c)
 )
-_QUEUE_NOTIFICATION = insert(_notifications).values(
-    id=bindparam("p_id", type_=Uuid()),
-    video_id=_p_video,
-    url=bindparam("p_url", type_=Text()),
-    event=bindparam("p_event", type_=String()),
-    status=NotifyStatus.pending.value,
-    attempts=0,
-    due_at=_p_now,
-    created_at=_p_now,
-)
-
-
-async def _queue_notification(
-    session: AsyncSession, *, video_id: uuid.UUID, url: str, status: str, now: datetime
-) -> None:
-    """Queue the notify_url delivery in the transaction that ended the video: it is sent if
-    and only if the video really ended."""
-    await session.execute(
-        _QUEUE_NOTIFICATION,
-        {
-            "p_id": uuid.uuid4(),
-            "p_video": video_id,
-            "p_url": url,
-            "p_event": f"video.{status}",
-            "p_now": now,
-        },
-    )
 
 
 async def apply_task(
@@ -512,7 +425,7 @@ async def apply_task(
         row = (await session.execute(_FAIL_TASK, params)).first()
         if row is not None:
             if row.notify_url:
-                await _queue_notification(
+                await queue_notification(
                     session, video_id=video_id, url=row.notify_url, status=row.status, now=now
                 )
             return ApplyOutcome.failed
@@ -651,7 +564,7 @@ async def apply_reports(
                     else outcome
                 )
                 if kind == "fail" and row.notify_url:  # the video ended: tell its notify_url
-                    await _queue_notification(
+                    await queue_notification(
                         session,
                         video_id=row.id,
                         url=row.notify_url,
@@ -799,47 +712,9 @@ async def claim_due(
     values: dict[str, Any] = {"updated_at": now}
     if status == Status.downloading:
         values["download_attempts"] = Video.download_attempts + 1
-    return await _claim_rows(
+    return await claim_due_rows(
         session, Video, status=status, now=now, hold=hold, owner=owner, limit=limit, **values
     )
-
-
-ClaimedRow = TypeVar("ClaimedRow", Video, Notification)
-
-
-async def _claim_rows(
-    session: AsyncSession,
-    model: type[ClaimedRow],
-    *,
-    status: str,
-    now: datetime,
-    hold: timedelta,
-    owner: str,
-    limit: int,
-    **values: Any,
-) -> list[ClaimedRow]:
-    """The one claim statement, for videos and notifications alike.
-
-    The inner SELECT skips rows another replica has locked (Postgres); the UPDATE pushes
-    ``due_at`` forward so nobody else picks them up until ``hold`` passes. SQLite serializes
-    writers, so the same statement is safe there without SKIP LOCKED.
-    """
-    due = (
-        select(model.id)
-        .where(model.status == status, model.due_at <= now)
-        .order_by(model.due_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    stmt = (
-        update(model)
-        .where(model.id.in_(due), model.status == status, model.due_at <= now)
-        .values(due_at=now + hold, lease_owner=owner, **values)
-        .returning(model)
-    )
-    result = await session.execute(stmt, execution_options={"synchronize_session": False})
-    return list(result.scalars().all())
 
 
 # --- download ----------------------------------------------------------------------------
@@ -944,134 +819,3 @@ async def fail_download(
         lease_owner=None,
         updated_at=now,
     )
-
-
-# --- notifications (notify_url outbox) ----------------------------------------------------
-
-
-async def claim_notifications(
-    session: AsyncSession, *, now: datetime, hold: timedelta, owner: str, limit: int
-) -> list[Notification]:
-    """Take due deliveries, with the same claim as ``claim_due``."""
-    return await _claim_rows(
-        session,
-        Notification,
-        status=NotifyStatus.pending.value,
-        now=now,
-        hold=hold,
-        owner=owner,
-        limit=limit,
-    )
-
-
-async def record_delivery(
-    session: AsyncSession,
-    *,
-    notification_id: uuid.UUID,
-    owner: str,
-    delivered: bool,
-    status_code: int | None,
-    error: str | None,
-    retry_at: datetime | None,
-    now: datetime,
-) -> None:
-    """Store one delivery attempt; ``retry_at=None`` after a failure means: give up."""
-    if delivered:
-        status, due = NotifyStatus.delivered, now
-    elif retry_at is None:
-        status, due = NotifyStatus.failed, now
-    else:
-        status, due = NotifyStatus.pending, retry_at
-    await session.execute(
-        update(Notification)
-        .where(Notification.id == notification_id, Notification.lease_owner == owner)
-        .values(
-            status=status.value,
-            due_at=due,
-            lease_owner=None,
-            attempts=Notification.attempts + 1,
-            last_attempt_at=now,
-            last_status_code=status_code,
-            last_error=error,
-            delivered_at=now if delivered else None,
-        )
-    )
-
-
-async def latest_notification(session: AsyncSession, video_id: uuid.UUID) -> Notification | None:
-    stmt = (
-        select(Notification)
-        .where(Notification.video_id == video_id)
-        .order_by(Notification.created_at.desc())
-        .limit(1)
-    )
-    return (await session.execute(stmt)).scalar_one_or_none()
-
-
-# --- operator actions (videorelay admin) --------------------------------------------------
-
-
-class AdminError(Exception):
-    """The action does not apply to the video in its current state."""
-
-
-async def admin_retry(session: AsyncSession, *, video_id: uuid.UUID, now: datetime) -> Video:
-    """Make the reconciler act on a video at its next tick: resubmit a queued one, resume a
-    download, or re-run a failed download whose output URL has not expired yet."""
-    video = await get(session, video_id)
-    if video is None:
-        raise AdminError(f"no video {video_id}")
-    if video.status == Status.failed and video.output_url:
-        if video.output_expires_at is not None and video.output_expires_at <= now:
-            raise AdminError("the output URL has expired; the clip can no longer be fetched")
-        values: dict[str, Any] = {
-            "status": Status.downloading,
-            "error_code": None,
-            "error_message": None,
-        }
-    elif video.status in (Status.queued, Status.downloading):
-        values = {}
-    else:
-        raise AdminError(
-            f"video is {video.status}; retry applies to queued and downloading videos and to "
-            "failed downloads (use repoll for processing videos)"
-        )
-    updated = await _update_returning(
-        session,
-        and_(Video.id == video_id, Video.status == video.status),
-        due_at=now,
-        lease_owner=None,
-        updated_at=now,
-        **values,
-    )
-    if updated is None:
-        raise AdminError("the video changed meanwhile; look again")
-    return updated
-
-
-async def admin_repoll(session: AsyncSession, *, video_id: uuid.UUID, now: datetime) -> Video:
-    """Poll hiapi for a processing video at the next tick instead of waiting."""
-    updated = await _update_returning(
-        session,
-        and_(Video.id == video_id, Video.status == Status.processing),
-        due_at=now,
-        lease_owner=None,
-        updated_at=now,
-    )
-    if updated is None:
-        video = await get(session, video_id)
-        state = video.status if video else "missing"
-        raise AdminError(f"video is {state}; repoll applies to processing videos only")
-    return updated
-
-
-async def stuck(session: AsyncSession, *, now: datetime, older_than: timedelta) -> list[Video]:
-    """Videos not yet ready or failed whose last change is older than ``older_than``."""
-    stmt = (
-        select(Video)
-        .where(Video.status.notin_((Status.ready, Status.failed)))
-        .where(Video.updated_at < now - older_than)
-        .order_by(Video.created_at)
-        .limit(500)
-    )
-    return list((await session.execute(stmt)).scalars())

@@ -1,4 +1,5 @@
-"""Read queries for the API (state changes live in ``lifecycle``).
+"""Read queries: one video, a video's notification, a page of videos, stuck videos (state
+changes live in ``lifecycle``).
 
 List cursors are opaque and signed: ``base64url(JSON [created_at, id]) "." base64url(MAC)``,
 the MAC an HMAC-SHA256 (first 16 bytes) over the caller and the payload under a key derived
@@ -18,22 +19,60 @@ import hmac
 import json
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Uuid, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import UTCDateTime
-from app.models import Notification, Video
+from app.models import TERMINAL, Notification, Video
 
 __all__ = [
     "BadCursor",
     "cursor_key",
     "decode_cursor",
     "encode_cursor",
+    "get",
+    "latest_notification",
     "list_videos",
+    "notifications_for",
     "seal_cursor",
+    "stuck",
 ]
+
+
+async def get(session: AsyncSession, video_id: uuid.UUID) -> Video | None:
+    """The video as stored now (also when this session has an older copy of it)."""
+    return (
+        await session.execute(
+            select(Video).where(Video.id == video_id).execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+
+
+async def latest_notification(session: AsyncSession, video_id: uuid.UUID) -> Notification | None:
+    stmt = (
+        select(Notification)
+        .where(Notification.video_id == video_id)
+        .order_by(Notification.created_at.desc())
+        .limit(1)
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def stuck(session: AsyncSession, *, now: datetime, older_than: timedelta) -> list[Video]:
+    """Videos not yet ready or failed whose last change is older than ``older_than``."""
+    stmt = (
+        select(Video)
+        .where(Video.status.notin_(TERMINAL))
+        .where(Video.updated_at < now - older_than)
+        .order_by(Video.created_at)
+        .limit(500)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+# --- lists: signed keyset cursors ---------------------------------------------------------
 
 _CURSOR_KEY_LABEL = b"videorelay:list-cursor:v1"
 _MAC_BYTES = 16

@@ -21,7 +21,7 @@ from datetime import date, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app import images, lifecycle
+from app import images, lifecycle, spend
 from app.hiapi.errors import HiapiRejected
 from app.jobs.submitter import Submitter
 from app.metrics import METRICS
@@ -112,11 +112,11 @@ class Submission:
         self, session: AsyncSession, *, owner: str, day: date, now: datetime, body: VideoCreate
     ) -> None:
         limit = self._daily_limit
-        total = await lifecycle.reserve_spend(
+        total = await spend.reserve_spend(
             session, owner=owner, day=day, seconds=body.duration, limit=limit
         )
         if total is None:
-            used = await lifecycle.spent(session, owner=owner, day=day)
+            used = await spend.spent(session, owner=owner, day=day)
             METRICS.submits.labels("over_limit").inc()
             # Raised inside the transaction: the video row is rolled back, nothing is sent.
             raise OverLimit(now=now, used=used, limit=limit, asked=body.duration)

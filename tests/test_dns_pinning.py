@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app import lifecycle
+from app import lifecycle, repository
 from app.context import download_session
 from app.db import create_engine, create_sessionmaker, utc_now
 from app.hiapi.schemas import Task
@@ -273,7 +273,7 @@ async def claim_again(sm: async_sessionmaker[AsyncSession], video_id: uuid.UUID)
 
 async def reload(sm: async_sessionmaker[AsyncSession], video_id: uuid.UUID) -> Any:
     async with sm() as session:
-        return await lifecycle.get(session, video_id)
+        return await repository.get(session, video_id)
 
 
 class Rig:
@@ -436,7 +436,7 @@ def make_notifier(
 
 async def latest(sm: async_sessionmaker[AsyncSession], video_id: uuid.UUID) -> Any:
     async with sm() as session:
-        return await lifecycle.latest_notification(session, video_id)
+        return await repository.latest_notification(session, video_id)
 
 
 @pytest.fixture

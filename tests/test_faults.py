@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 from sqlalchemy import make_url
 
-from app import lifecycle
+from app import repository
 from app.jobs.hosts import resolves_to_public
 from app.models import Video
 from app.net import is_public_address
@@ -229,7 +229,7 @@ async def wait_for_row(
     deadline = time.monotonic() + timeout
     while True:
         async with service.ctx.sessionmaker() as session:
-            row = await lifecycle.get(session, uuid.UUID(video_id))
+            row = await repository.get(session, uuid.UUID(video_id))
         assert row is not None
         if condition(row):
             return row

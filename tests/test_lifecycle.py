@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app import lifecycle
+from app import lifecycle, repository
 from app.db import create_engine, create_sessionmaker, utc_now
 from app.group_commit import GroupCommit
 from app.hiapi.schemas import Task
@@ -85,7 +85,7 @@ async def apply(
 
 async def reload(sm: async_sessionmaker[AsyncSession], video_id: uuid.UUID) -> Video:
     async with sm() as session:
-        video = await lifecycle.get(session, video_id)
+        video = await repository.get(session, video_id)
     assert video is not None
     return video
 
@@ -267,8 +267,8 @@ class TestApplyReports:
             lifecycle.ApplyOutcome.duplicate,
         ]
         async with sm() as session:
-            note = await lifecycle.latest_notification(session, failing.id)
-            pending = await lifecycle.latest_notification(session, succeeding.id)
+            note = await repository.latest_notification(session, failing.id)
+            pending = await repository.latest_notification(session, succeeding.id)
             count = await session.scalar(select(func.count()).select_from(Notification))
         assert note is not None and note.event == "video.failed" and note.status == "pending"
         assert pending is None  # downloading is not an end: nothing is pushed yet

@@ -25,7 +25,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import lifecycle
+from app import lifecycle, repository
 from app.db import create_engine, create_sessionmaker, utc_now
 from app.hiapi.schemas import Task
 from app.models import Status, Via
@@ -170,7 +170,7 @@ class Run:
 
     async def status(self) -> tuple[str, str | None]:
         async with self.sm() as session:
-            video = await lifecycle.get(session, self.video_id)
+            video = await repository.get(session, self.video_id)
         assert video is not None
         return video.status, video.task_id
 

@@ -194,7 +194,7 @@ def _over_limit(refused: OverLimit) -> AppError:
 
 
 async def _video_or_404(session: SessionDep, video_id: uuid.UUID, owner: str) -> Video:
-    video = await lifecycle.get(session, video_id)
+    video = await repository.get(session, video_id)
     if video is None or video.owner != owner:
         raise NotFound(f"no video with id {video_id}")
     return video
@@ -211,7 +211,7 @@ async def read_video(
     video_id: uuid.UUID, settings: SettingsDep, session: SessionDep, caller: CallerDep
 ) -> VideoOut:
     video = await _video_or_404(session, video_id, caller)
-    note = await lifecycle.latest_notification(session, video.id) if video.notify_url else None
+    note = await repository.latest_notification(session, video.id) if video.notify_url else None
     return to_out(settings, video, note)
 
 
@@ -352,11 +352,11 @@ async def video_events(
                 yield ": stream lifetime reached; reconnect with Last-Event-ID\n\n"
                 return
             async with sessionmaker() as events_session:
-                video = await lifecycle.get(events_session, video_id)
+                video = await repository.get(events_session, video_id)
                 if video is None:
                     return
                 note = (
-                    await lifecycle.latest_notification(events_session, video_id)
+                    await repository.latest_notification(events_session, video_id)
                     if video.notify_url
                     else None
                 )

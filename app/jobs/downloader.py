@@ -34,7 +34,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from yarl import URL
 
-from app import lifecycle
+from app import lifecycle, repository
 from app.jobs.hosts import HostAllowlist, Refused, resolves_to_public
 from app.jobs.resolve import AddressRefused
 from app.logging import bind
@@ -121,7 +121,7 @@ class Downloader:
         deadline: datetime | None = None
         try:
             async with self._sm() as session:
-                video = await lifecycle.get(session, video_id)
+                video = await repository.get(session, video_id)
             if video is None or video.lease_owner != owner or video.output_url is None:
                 return
             task_id, attempts = video.task_id, video.download_attempts

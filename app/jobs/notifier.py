@@ -33,7 +33,7 @@ import httpx
 from aiohttp.abc import AbstractResolver
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app import lifecycle
+from app import outbox
 from app.jobs.hosts import canonical_host
 from app.jobs.resolve import CheckedResolver
 from app.logging import bind
@@ -111,7 +111,7 @@ class Notifier:
     async def tick(self) -> int:
         owner = uuid.uuid4().hex
         async with self._sm() as session, session.begin():
-            due = await lifecycle.claim_notifications(
+            due = await outbox.claim_notifications(
                 session, now=self._clock(), hold=HOLD, owner=owner, limit=50
             )
         await asyncio.gather(*(self._deliver(n, owner) for n in due))
@@ -134,7 +134,7 @@ class Notifier:
                 delay = backoff_seconds(note.attempts, base=self._retry_base, cap=self._retry_max)
                 retry_at = now + timedelta(seconds=delay)
             async with self._sm() as session, session.begin():
-                await lifecycle.record_delivery(
+                await outbox.record_delivery(
                     session,
                     notification_id=note.id,
                     owner=owner,

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app import lifecycle
+from app import lifecycle, repository
 from app.hiapi.client import HiapiClient
 from app.hiapi.errors import HiapiRejected, HiapiTimeout, HiapiUnavailable
 from app.logging import bind
@@ -143,4 +143,4 @@ async def _reload(
     sessionmaker: async_sessionmaker[AsyncSession], video_id: uuid.UUID
 ) -> Video | None:
     async with sessionmaker() as session:
-        return await lifecycle.get(session, video_id)
+        return await repository.get(session, video_id)

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from app import lifecycle
+from app import lifecycle, repository
 from app.config import Settings
 from app.context import download_session
 from app.db import create_engine, create_sessionmaker, utc_now
@@ -136,7 +136,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         usage1 = resource.getrusage(resource.RUSAGE_SELF)
 
         async with sm() as session:
-            stored = await lifecycle.get(session, video.id)
+            stored = await repository.get(session, video.id)
         assert stored is not None
         return {
             "wall_s": wall,
