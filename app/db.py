@@ -1,14 +1,16 @@
 """Engine and session factories, the aware-UTC column type, and the SQL that differs by
-dialect: the dialect's ``INSERT`` (for ``ON CONFLICT``) and the due-row claim (``SKIP LOCKED``
-matters on Postgres only)."""
+dialect: the dialect's ``INSERT`` (for ``ON CONFLICT``), the due-row claim (``SKIP LOCKED``
+matters on Postgres only) and many rows as one statement's ``FROM`` source (``BulkStatement``)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import DateTime, event, select, update
+from sqlalchemy import DateTime, TextualSelect, bindparam, event, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
@@ -18,9 +20,10 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 __all__ = [
+    "BulkStatement",
     "UTCDateTime",
     "claim_due_rows",
     "create_engine",
@@ -224,3 +227,81 @@ async def claim_due_rows(
     )
     result = await session.execute(stmt, execution_options={"synchronize_session": False})
     return list(result.scalars().all())
+
+
+_BindProcessor = Callable[[Any], Any] | None
+
+
+class BulkStatement:
+    """One statement over many rows whose SQL text does not change with the number of rows,
+    so it is compiled (and on Postgres prepared) once per dialect.
+
+    ``{rows}`` in ``sql`` becomes the rows as a ``FROM`` source named ``alias`` with
+    ``columns``: on Postgres one array per column (``unnest``), on SQLite one JSON document
+    (``json_each``). Row values are bound as their column's type binds them, so ids and
+    timestamps compare equal to the stored ones. ``binds`` types the statement's other named
+    parameters, ``returns`` its result columns.
+    """
+
+    def __init__(
+        self,
+        sql: str,
+        *,
+        alias: str,
+        columns: dict[str, TypeEngine[Any]],
+        binds: dict[str, TypeEngine[Any]],
+        returns: dict[str, TypeEngine[Any]],
+    ) -> None:
+        self._sql, self._alias, self._columns = sql, alias, columns
+        self._binds, self._returns = binds, returns
+        self._built: dict[tuple[str, str], tuple[TextualSelect, list[_BindProcessor]]] = {}
+
+    def for_rows(
+        self, dialect: Dialect, rows: Iterable[Sequence[Any]], **params: Any
+    ) -> tuple[TextualSelect, dict[str, Any]]:
+        """The statement for ``dialect`` and its parameters: ``rows`` (at least one, each a
+        value per column) and ``params``."""
+        stmt, processors = self._build(dialect)
+        if dialect.name == "postgresql":
+            columns = zip(self._columns, processors, zip(*rows, strict=True), strict=True)
+            for name, process, values in columns:
+                params[name] = list(values) if process is None else [process(v) for v in values]
+        else:
+            bound = [
+                [
+                    v if process is None else process(v)
+                    for process, v in zip(processors, row, strict=True)
+                ]
+                for row in rows
+            ]
+            params["rows"] = json.dumps(bound)
+        return stmt, params
+
+    def _build(self, dialect: Dialect) -> tuple[TextualSelect, list[_BindProcessor]]:
+        key = (dialect.name, dialect.driver)
+        built = self._built.get(key)
+        if built is None:
+            if dialect.name == "postgresql":
+                names = ", ".join(self._columns)
+                arrays = ", ".join(
+                    f"CAST(:{name} AS {type_.compile(dialect=dialect)}[])"
+                    for name, type_ in self._columns.items()
+                )
+                rows = f"unnest({arrays}) AS {self._alias}({names})"
+            else:
+                fields = ", ".join(
+                    f"json_extract(value, '$[{i}]') AS {name}"
+                    for i, name in enumerate(self._columns)
+                )
+                rows = f"(SELECT {fields} FROM json_each(:rows)) AS {self._alias}"
+            stmt = (
+                text(self._sql.replace("{rows}", rows))
+                .bindparams(*(bindparam(name, type_=type_) for name, type_ in self._binds.items()))
+                .columns(**self._returns)
+            )
+            processors: list[_BindProcessor] = [
+                type_.dialect_impl(dialect).bind_processor(dialect)
+                for type_ in self._columns.values()
+            ]
+            built = self._built[key] = (stmt, processors)
+        return built

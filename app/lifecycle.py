@@ -4,8 +4,6 @@ The submit endpoint, the webhook, the reconciler and the downloader all call the
 Each change is one conditional SQL statement whose result says who won: the caller that gets
 a row back acts (sends the task, starts the download); the others do nothing. This is what
 makes duplicate callbacks, concurrent replicas and restarts safe without in-memory locks.
-The operator's actions (``videorelay admin``) live in ``app/admin.py``, the notify_url outbox
-in ``app/outbox.py``, the spend quota in ``app/spend.py``, reads in ``app/repository.py``.
 
 State machine::
 
@@ -14,36 +12,31 @@ State machine::
       │   ╲──task success (callback before taskId stored)─┘
       ├──create rejected──▶ failed ◀──task fail──────────┤◀── expired / bad file
       └──create 5xx/timeout: stays queued, due_at = next try
+
+A one-off change is an ORM ``UPDATE ... RETURNING``. The statements of the submit path and of
+a task's result run on every request and callback, so they are built once: Core statements,
+and for a task's result a ``db.BulkStatement`` that takes one report or a whole batch of the
+webhook's group commit, so the rule "this task belongs to this video" is written once
+(``_BELONGS``). The module is longer than the others on purpose: it holds every transition
+beside its guard, so one file answers "who may change this row, and when". What is not a
+transition lives elsewhere: the operator's actions (``videorelay admin``) in ``app/admin.py``,
+the notify_url outbox in ``app/outbox.py``, the spend quota in ``app/spend.py``, reads in
+``app/repository.py``.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import (
-    Integer,
-    String,
-    Table,
-    Text,
-    Uuid,
-    and_,
-    bindparam,
-    func,
-    insert,
-    literal_column,
-    or_,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import String, Table, Text, Uuid, and_, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.types import TypeEngine
 
-from app.db import UTCDateTime, claim_due_rows, dialect_insert
+from app.db import BulkStatement, UTCDateTime, claim_due_rows, dialect_insert
 from app.hiapi.schemas import Task, TaskStatus
 from app.models import Status, Via, Video
 from app.outbox import queue_notification
@@ -69,8 +62,6 @@ __all__ = [
     "release_download",
     "renew_lease",
 ]
-
-_WAITING_FOR_TASK = (Status.queued, Status.processing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +90,125 @@ class ApplyOutcome(StrEnum):
     stale_task = "stale_task"  # another task of this video, no longer the one that counts
     foreign_task = "foreign_task"  # the task id belongs to another video: rejected
     unknown_video = "unknown_video"  # no such video: rejected
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReport:
+    """What hiapi said about a task of a video, and who takes the download if it finished."""
+
+    video_id: uuid.UUID
+    task: Task
+    via: Via
+    owner: str | None  # None: no download slot is free here; a success is queued, not claimed
+
+
+# --- statements built once ---------------------------------------------------------------
+
+_videos = cast(Table, Video.__table__)
+_p_video = bindparam("p_video", type_=Uuid())
+_p_task = bindparam("p_task", type_=String())
+_p_now = bindparam("p_now", type_=UTCDateTime())
+
+
+def _no_task_yet(video_id: Any) -> Any:
+    """Queued and without a task id: the create's outcome and an early callback race for it."""
+    return and_(
+        _videos.c.id == video_id,
+        _videos.c.status == Status.queued.value,
+        _videos.c.task_id.is_(None),
+    )
+
+
+_INSERT_VIDEO = insert(_videos)
+# The submit path's second write: the task id hiapi returned, if no callback adopted one.
+_RECORD_TASK = (
+    update(_videos)
+    .where(_no_task_yet(_p_video))
+    .values(
+        status=Status.processing.value,
+        task_id=_p_task,
+        submitted_at=_p_now,
+        due_at=bindparam("p_due", type_=UTCDateTime()),
+        lease_owner=None,
+        submit_attempts=_videos.c.submit_attempts + 1,
+        last_error=None,
+        updated_at=_p_now,
+    )
+    .returning(*_videos.c)
+)
+_ADOPT = (
+    update(_videos)
+    .where(_no_task_yet(_p_video))
+    .values(status=Status.processing.value, task_id=_p_task, submitted_at=_p_now, updated_at=_p_now)
+    .returning(_videos.c.id)
+)
+_TASK_OF_VIDEO = select(_videos.c.task_id).where(_videos.c.id == _p_video)
+_TASKS_OF_VIDEOS = select(_videos.c.id, _videos.c.task_id).where(
+    _videos.c.id.in_(bindparam("p_videos", expanding=True))
+)
+_VIDEO_OF_TASK = select(_videos.c.id).where(_videos.c.task_id == _p_task)
+
+# A task's result, over rows ``b`` (one report, or a batch). ``v.status IN`` lists literal
+# values: an expanding IN would be rendered again on every call.
+_WAITING = "v.status IN ({})".format(
+    ", ".join(f"'{s}'" for s in (Status.queued, Status.processing))
+)
+# The task belongs to the video: the video waits for a task's result, and the task is the one
+# it runs, or it has none recorded yet (a callback that overtook the create's response is
+# adopted, not lost). The first report moves the row on; every later copy (a duplicate
+# callback, a concurrent replica, a late poll) matches no row.
+_BELONGS = f"v.id = b.video AND {_WAITING} AND (v.task_id IS NULL OR v.task_id = b.task)"
+# Or the video runs (or failed on) another task, and this one is no other video's: a finished
+# clip of an earlier task of this video (its create was ambiguous, so we never stored its id)
+# arrives on the video's own signed URL. Kept rather than lose a paid clip.
+_REPLACEABLE = f"""v.id = b.video AND v.task_id IS NOT NULL AND v.task_id != b.task
+    AND ({_WAITING} OR (v.status = '{Status.failed}' AND v.task_finished_at IS NOT NULL
+        AND v.output_url IS NULL))
+    AND NOT EXISTS (SELECT 1 FROM videos AS other WHERE other.task_id = b.task)"""
+_TASK_DONE = """task_id = b.task, completed_via = :via, task_finished_at = :now,
+    submitted_at = COALESCE(v.submitted_at, :now), updated_at = :now"""
+# Unqualified: SQLite's RETURNING names only the updated table's columns (``b`` has none of these).
+_RETURNING = "RETURNING id, status, notify_url"
+_RESULT: dict[str, TypeEngine[Any]] = {"id": Uuid(), "status": String(), "notify_url": Text()}
+
+_FAIL = BulkStatement(
+    f"""UPDATE videos AS v SET status = '{Status.failed}', error_code = b.code,
+        error_message = b.message, lease_owner = NULL, {_TASK_DONE}
+        FROM {{rows}} WHERE {_BELONGS} {_RETURNING}""",
+    alias="b",
+    columns={"video": Uuid(), "task": Text(), "code": Text(), "message": Text()},
+    binds={"via": String(), "now": UTCDateTime()},
+    returns=_RESULT,
+)
+
+
+def _claim(guard: str, *, clear_error: bool = False) -> BulkStatement:
+    """Take the output (and, with an owner, the download lease) of videos matching ``guard``."""
+    return BulkStatement(
+        f"""UPDATE videos AS v SET status = '{Status.downloading}', output_url = b.url,
+            {"error_code = NULL, error_message = NULL," if clear_error else ""}
+            output_expires_at = b.expires, lease_owner = b.owner,
+            due_at = CASE WHEN b.owner IS NULL THEN :now ELSE :due END,
+            download_attempts = CASE WHEN b.owner IS NULL THEN 0 ELSE 1 END, {_TASK_DONE}
+            FROM {{rows}} WHERE {guard} {_RETURNING}""",
+        alias="b",
+        columns={
+            "video": Uuid(),
+            "task": Text(),
+            "url": Text(),
+            "expires": UTCDateTime(),
+            "owner": Text(),
+        },
+        binds={"via": String(), "now": UTCDateTime(), "due": UTCDateTime()},
+        returns=_RESULT,
+    )
+
+
+_CLAIM = _claim(_BELONGS)
+_RESCUE = _claim(_REPLACEABLE, clear_error=True)
+
+
+# --- create and submit -------------------------------------------------------------------
 
 
 async def create_video(
@@ -180,13 +290,6 @@ async def _finish(session: AsyncSession, where: Any, now: datetime, **values: An
     return video
 
 
-# --- submit -----------------------------------------------------------------------------
-
-
-def _submittable(video_id: uuid.UUID) -> Any:
-    return and_(Video.id == video_id, Video.status == Status.queued, Video.task_id.is_(None))
-
-
 async def record_submit_success(
     session: AsyncSession,
     *,
@@ -211,7 +314,7 @@ async def record_submit_rejected(
     """hiapi refused the task (400/401): final, never retried; its seconds are refunded."""
     failed = await _finish(
         session,
-        _submittable(video_id),
+        _no_task_yet(video_id),
         now,
         status=Status.failed,
         error_code=code,
@@ -243,7 +346,7 @@ async def record_submit_retry(
     """
     queued = await _update_returning(
         session,
-        _submittable(video_id),
+        _no_task_yet(video_id),
         due_at=retry_at,
         lease_owner=None,
         submit_attempts=Video.submit_attempts + 1,
@@ -262,114 +365,6 @@ async def record_submit_retry(
 
 
 # --- the task's result (webhook and reconciler alike) ------------------------------------
-#
-# This is the webhook's hot path, so its statements are built once, as Core statements with
-# bound parameters: SQLAlchemy then reuses the compiled SQL (and asyncpg its prepared
-# statement) instead of rebuilding an ORM expression for every callback. Each returns only
-# what the caller needs.
-
-_videos = cast(Table, Video.__table__)
-_p_video = bindparam("p_video", type_=Uuid())
-_p_task = bindparam("p_task", type_=String())
-_p_now = bindparam("p_now", type_=UTCDateTime())
-# Literal values, not an expanding IN: its parameters would be re-rendered on every call.
-_waiting = _videos.c.status.in_([literal_column(f"'{s.value}'") for s in _WAITING_FOR_TASK])
-_belongs = and_(
-    _videos.c.id == _p_video,
-    _waiting,
-    or_(_videos.c.task_id.is_(None), _videos.c.task_id == _p_task),
-)
-_task_done: dict[str, Any] = {
-    "task_id": _p_task,
-    "completed_via": bindparam("p_via", type_=String()),
-    "task_finished_at": _p_now,
-    "submitted_at": func.coalesce(_videos.c.submitted_at, _p_now),
-    "updated_at": _p_now,
-}
-_claimed: dict[str, Any] = {
-    "status": Status.downloading.value,
-    "output_url": bindparam("p_url", type_=Text()),
-    "output_expires_at": bindparam("p_expires", type_=UTCDateTime()),
-    "due_at": bindparam("p_due", type_=UTCDateTime()),
-    "lease_owner": bindparam("p_owner", type_=String()),
-    "download_attempts": bindparam("p_attempts", type_=Integer()),
-    **_task_done,
-}
-# Queued and without a task id: the create response and an early callback race for it.
-_NO_TASK_YET = and_(
-    _videos.c.id == _p_video,
-    _videos.c.status == Status.queued.value,
-    _videos.c.task_id.is_(None),
-)
-_ADOPT = (
-    update(_videos)
-    .where(_NO_TASK_YET)
-    .values(status=Status.processing.value, task_id=_p_task, submitted_at=_p_now, updated_at=_p_now)
-    .returning(_videos.c.id)
-)
-_CLAIM_OUTPUT = update(_videos).where(_belongs).values(**_claimed).returning(_videos.c.id)
-
-
-def _replaceable() -> Any:
-    """The video runs (or failed on) a different task, and ``p_task`` is no other video's:
-    a finished clip of an earlier task of this video (its create was ambiguous, so we never
-    stored its id) arrives on the video's own signed URL."""
-    failed_by_task = and_(
-        _videos.c.status == Status.failed.value,
-        _videos.c.task_finished_at.is_not(None),
-        _videos.c.output_url.is_(None),
-    )
-    other = _videos.alias("other")  # not correlated with the row being updated
-    taken = select(other.c.id).where(other.c.task_id == _p_task).exists()
-    return and_(
-        _videos.c.id == _p_video,
-        _videos.c.task_id.is_not(None),
-        _videos.c.task_id != _p_task,
-        or_(_waiting, failed_by_task),
-        ~taken,
-    )
-
-
-_RESCUE_OUTPUT = (
-    update(_videos)
-    .where(_replaceable())
-    .values(error_code=None, error_message=None, **_claimed)
-    .returning(_videos.c.id)
-)
-_FAIL_TASK = (
-    update(_videos)
-    .where(_belongs)
-    .values(
-        status=Status.failed.value,
-        error_code=bindparam("p_code", type_=String()),
-        error_message=bindparam("p_message", type_=Text()),
-        lease_owner=None,
-        **_task_done,
-    )
-    .returning(_videos.c.id, _videos.c.status, _videos.c.notify_url)
-)
-_TASK_OF_VIDEO = select(_videos.c.task_id).where(_videos.c.id == _p_video)
-_TASKS_OF_VIDEOS = select(_videos.c.id, _videos.c.task_id).where(
-    _videos.c.id.in_(bindparam("p_videos", expanding=True))
-)
-_VIDEO_OF_TASK = select(_videos.c.id).where(_videos.c.task_id == _p_task)
-_INSERT_VIDEO = insert(_videos)
-# The submit path's second write: the task id hiapi returned, if no callback adopted one.
-_RECORD_TASK = (
-    update(_videos)
-    .where(_NO_TASK_YET)
-    .values(
-        status=Status.processing.value,
-        task_id=_p_task,
-        submitted_at=_p_now,
-        due_at=bindparam("p_due", type_=UTCDateTime()),
-        lease_owner=None,
-        submit_attempts=_videos.c.submit_attempts + 1,
-        last_error=None,
-        updated_at=_p_now,
-    )
-    .returning(*_videos.c)
-)
 
 
 async def apply_task(
@@ -382,200 +377,58 @@ async def apply_task(
     now: datetime,
     lease: timedelta,
 ) -> ApplyOutcome:
-    """Apply what hiapi says about a task to the video it belongs to.
-
-    The guard ``status IN (queued, processing) AND (task_id IS NULL OR task_id = :task)``
-    makes this idempotent: the first caller moves the row on, every later copy (duplicate
-    callback, concurrent replica, late poll) matches no row. ``task_id IS NULL`` admits a
-    callback that overtook the create response, so it is adopted rather than lost.
-    On success the winner also takes the download lease, so exactly one download starts;
-    with ``owner=None`` (no download slot free) the row is left unowned and due at once, for
-    whichever process has a slot first.
-    """
-    params: dict[str, Any] = {"p_video": video_id, "p_task": task.taskId, "p_now": now}
-    if task.status == TaskStatus.handling:
-        if (await session.execute(_ADOPT, params)).first() is not None:
-            return ApplyOutcome.adopted
-        return await _explain_noop(session, params, ApplyOutcome.pending)
-
-    params["p_via"] = via.value
-    if task.status == TaskStatus.success and task.output:
-        out = task.output[0]
-        params.update(
-            p_url=out.url,
-            p_expires=datetime.fromtimestamp(out.expireAt, UTC) if out.expireAt else None,
-            p_due=now + lease if owner else now,
-            p_owner=owner,
-            p_attempts=1 if owner else 0,
-        )
-        won = (await session.execute(_CLAIM_OUTPUT, params)).first() is not None
-        # A clip of an earlier task of this video: keep it rather than lose a paid clip,
-        # unless the video already has one on the way.
-        won = won or (await session.execute(_RESCUE_OUTPUT, params)).first() is not None
-        if won:
-            return ApplyOutcome.download_claimed if owner else ApplyOutcome.download_queued
-    else:
-        if task.status == TaskStatus.success:
-            code, message = "no_output", "hiapi reported success without an output URL"
-        else:
-            err = task.error
-            code = err.code if err else "unknown"
-            message = err.message if err else "hiapi reported the task as failed"
-        params.update(p_code=code, p_message=message)
-        row = (await session.execute(_FAIL_TASK, params)).first()
-        if row is not None:
-            if row.notify_url:
-                await queue_notification(
-                    session, video_id=video_id, url=row.notify_url, status=row.status, now=now
-                )
-            return ApplyOutcome.failed
-    return await _explain_noop(session, params, ApplyOutcome.duplicate)
-
-
-@dataclass(frozen=True, slots=True)
-class TaskReport:
-    """What hiapi said about a task of a video, and who takes the download if it finished."""
-
-    video_id: uuid.UUID
-    task: Task
-    via: Via
-    owner: str | None  # None: no download slot is free here; a success is queued, not claimed
-
-
-# --- many reports at once (the webhook's group commit) -----------------------------------
-#
-# A burst of callbacks is written as a handful of statements, not one per callback: the
-# common cases (a task failed; a task succeeded with an output) are each one ``UPDATE ...
-# FROM`` over all the batch's rows, with the same guard as ``apply_task``. Postgres gets the
-# rows as arrays (``unnest``), SQLite as one JSON document (``json_each``); either way the SQL
-# text is constant, so it is prepared once. Everything else (handling, a second report of a
-# video in the same batch, a report the bulk statement did not match) goes through
-# ``apply_task`` or the same explanation of a no-op, one by one, after the bulk statements.
-
-_SET_TASK_DONE = """
-    task_id = b.task, completed_via = :via, task_finished_at = :now,
-    submitted_at = COALESCE(v.submitted_at, :now), updated_at = :now"""
-_GUARD = """
-    v.id = b.id AND v.status IN ('queued', 'processing')
-    AND (v.task_id IS NULL OR v.task_id = b.task)"""
-
-
-def _json_rows(*names: str) -> str:
-    fields = ", ".join(f"json_extract(value, '$[{i}]') AS {name}" for i, name in enumerate(names))
-    return f"(SELECT {fields} FROM json_each(:rows)) AS b"
-
-
-_BULK_ROWS = {
-    "postgresql": {
-        "fail": "unnest(CAST(:ids AS UUID[]), CAST(:tasks AS TEXT[]), CAST(:codes AS TEXT[]), "
-        "CAST(:messages AS TEXT[])) AS b(id, task, code, message)",
-        "claim": "unnest(CAST(:ids AS UUID[]), CAST(:tasks AS TEXT[]), CAST(:urls AS TEXT[]), "
-        "CAST(:expires AS TIMESTAMP[]), CAST(:owners AS TEXT[])) AS b(id, task, url, expires, "
-        "owner)",
-    },
-    "sqlite": {
-        "fail": _json_rows("id", "task", "code", "message"),
-        "claim": _json_rows("id", "task", "url", "expires", "owner"),
-    },
-}
-
-
-def _bulk_statement(dialect: str, kind: str) -> Any:
-    rows = _BULK_ROWS[dialect][kind]
-    # SQLite's RETURNING names only the updated table's columns, and unqualified.
-    returning = (
-        "v.id, v.status, v.notify_url" if dialect == "postgresql" else "id, status, notify_url"
-    )
-    if kind == "fail":
-        sql = f"""UPDATE videos AS v SET status = 'failed', error_code = b.code,
-            error_message = b.message, lease_owner = NULL, {_SET_TASK_DONE}
-            FROM {rows} WHERE {_GUARD} RETURNING {returning}"""
-    else:
-        sql = f"""UPDATE videos AS v SET status = 'downloading', output_url = b.url,
-            output_expires_at = b.expires, lease_owner = b.owner,
-            due_at = CASE WHEN b.owner IS NULL THEN :now ELSE :due END,
-            download_attempts = CASE WHEN b.owner IS NULL THEN 0 ELSE 1 END, {_SET_TASK_DONE}
-            FROM {rows} WHERE {_GUARD} RETURNING {returning}"""
-    times = [bindparam("now", type_=UTCDateTime())]
-    if kind == "claim":
-        times.append(bindparam("due", type_=UTCDateTime()))
-    return (
-        text(sql)
-        .bindparams(bindparam("via", type_=String()), *times)
-        .columns(id=Uuid(), status=String(), notify_url=Text())
-    )
-
-
-_BULK = {(d, k): _bulk_statement(d, k) for d in ("postgresql", "sqlite") for k in ("fail", "claim")}
-
-
-def _failure_of(task: Task) -> tuple[str, str]:
-    if task.status == TaskStatus.success:
-        return "no_output", "hiapi reported success without an output URL"
-    err = task.error
-    return (err.code, err.message) if err else ("unknown", "hiapi reported the task as failed")
-
-
-def _expiry(task: Task) -> datetime | None:
-    expire_at = task.output[0].expireAt
-    return datetime.fromtimestamp(expire_at, UTC) if expire_at else None
+    """Apply what hiapi says about a task to the video it belongs to: ``apply_reports`` with
+    one report."""
+    report = TaskReport(video_id, task, via, owner)
+    (outcome,) = await apply_reports(session, [report], now=now, lease=lease)
+    return outcome
 
 
 async def apply_reports(
     session: AsyncSession, reports: list[TaskReport], *, now: datetime, lease: timedelta
 ) -> list[ApplyOutcome]:
-    """``apply_task`` for many reports in one transaction, with the same outcomes."""
+    """Apply what hiapi says about tasks to the videos they belong to, in one transaction
+    (the webhook's group commit), and say what became of each report.
+
+    A report changes a video only if its task belongs to the video (``_BELONGS``), so it is
+    idempotent. A success's winner also takes the download lease, so exactly one download
+    starts; with ``owner=None`` (no download slot free) the row is left unowned and due at
+    once, for whichever process has a slot first.
+
+    A burst is a handful of statements, not one per report: the finished tasks (failed;
+    succeeded with an output) are one ``UPDATE ... FROM`` per kind over all the batch's rows.
+    Everything else (handling, a second report of a video in the batch, another task's
+    report) is applied one by one afterwards, in the batch's order.
+    """
+    plans = [_plan(report) for report in reports]
     outcomes: list[ApplyOutcome | None] = [None] * len(reports)
+    groups: dict[tuple[BulkStatement, Via], list[tuple[int, list[Any]]]] = {}
     seen: set[uuid.UUID] = set()
-    fails: list[int] = []
-    claims: list[int] = []
     later: list[int] = []
-    for i, report in enumerate(reports):
-        if report.video_id in seen or report.task.status == TaskStatus.handling:
+    for i, (report, plan) in enumerate(zip(reports, plans, strict=True)):
+        if plan is None or report.video_id in seen:
             later.append(i)
             continue
         seen.add(report.video_id)
-        is_claim = report.task.status == TaskStatus.success and report.task.output
-        (claims if is_claim else fails).append(i)
-
-    dialect = session.get_bind().dialect
-    via = {reports[i].via.value for i in fails + claims}
-    unmatched: list[int] = []
-    for kind, chosen, outcome in (
-        ("fail", fails, ApplyOutcome.failed),
-        ("claim", claims, ApplyOutcome.download_claimed),
-    ):
-        # One statement per kind and ``via`` (a batch from the webhook has a single one).
-        for one_via in sorted(via):
-            group = [i for i in chosen if reports[i].via.value == one_via]
+        groups.setdefault((plan[0], report.via), []).append((i, plan[1]))
+    missed: list[int] = []
+    for stmt in (_FAIL, _CLAIM):
+        for via in Via:  # one statement per kind and ``via`` (a webhook batch has one ``via``)
+            group = groups.get((stmt, via))
             if not group:
                 continue
-            params = _bulk_params(dialect, kind, [reports[i] for i in group], now, lease)
-            result = await session.execute(_BULK[(_dialect_key(dialect.name), kind)], params)
-            won = {row.id: row for row in result}
-            for i in group:
-                row = won.get(reports[i].video_id)
-                if row is None:
-                    unmatched.append(i)
-                    continue
-                outcomes[i] = (
-                    ApplyOutcome.download_queued
-                    if kind == "claim" and reports[i].owner is None
-                    else outcome
-                )
-                if kind == "fail" and row.notify_url:  # the video ended: tell its notify_url
-                    await queue_notification(
-                        session,
-                        video_id=row.id,
-                        url=row.notify_url,
-                        status=row.status,
-                        now=now,
-                    )
-    # Reports the bulk statements did not match are mostly duplicates: one SELECT tells.
-    if unmatched:
-        ids = [reports[i].video_id for i in unmatched]
+            rows = [row for _, row in group]
+            won = await _write(session, stmt, rows, via=via, now=now, lease=lease)
+            for i, _ in group:
+                if reports[i].video_id in won:
+                    outcomes[i] = _won(stmt, reports[i])
+                else:
+                    missed.append(i)
+    # Reports that changed nothing are mostly duplicates: one SELECT tells.
+    if missed:
+        ids = [reports[i].video_id for i in missed]
         current = dict((await session.execute(_TASKS_OF_VIDEOS, {"p_videos": ids})).all())
-        for i in unmatched:
+        for i in missed:
             report = reports[i]
             if report.video_id not in current:
                 outcomes[i] = ApplyOutcome.unknown_video
@@ -584,64 +437,86 @@ async def apply_reports(
             else:
                 later.append(i)  # another task's report: stale, foreign, or a clip to rescue
     for i in sorted(later):
-        report = reports[i]
-        outcomes[i] = await apply_task(
-            session,
-            video_id=report.video_id,
-            task=report.task,
-            via=report.via,
-            owner=report.owner,
-            now=now,
-            lease=lease,
-        )
-    return [outcome for outcome in outcomes if outcome is not None]
+        outcomes[i] = await _apply_alone(session, reports[i], plans[i], now=now, lease=lease)
+    return cast(list[ApplyOutcome], outcomes)
 
 
-def _dialect_key(name: str) -> str:
-    return "postgresql" if name == "postgresql" else "sqlite"
+_Plan = tuple[BulkStatement, list[Any]] | None
 
 
-def _bulk_params(
-    dialect: Any, kind: str, reports: list[TaskReport], now: datetime, lease: timedelta
-) -> dict[str, Any]:
-    params: dict[str, Any] = {"via": reports[0].via.value, "now": now}
-    if kind == "fail":
-        columns: list[list[Any]] = [
-            [r.video_id for r in reports],
-            [r.task.taskId for r in reports],
-            *map(list, zip(*(_failure_of(r.task) for r in reports), strict=True)),
-        ]
-        names = ["ids", "tasks", "codes", "messages"]
+def _plan(report: TaskReport) -> _Plan:
+    """The statement that applies a finished task, with the report's row for it; None while
+    the task is running."""
+    task = report.task
+    if task.status == TaskStatus.handling:
+        return None
+    if task.status == TaskStatus.success and task.output:
+        out = task.output[0]
+        expires = datetime.fromtimestamp(out.expireAt, UTC) if out.expireAt else None
+        return _CLAIM, [report.video_id, task.taskId, out.url, expires, report.owner]
+    if task.status == TaskStatus.success:
+        code, message = "no_output", "hiapi reported success without an output URL"
+    elif task.error is not None:
+        code, message = task.error.code, task.error.message
     else:
+        code, message = "unknown", "hiapi reported the task as failed"
+    return _FAIL, [report.video_id, task.taskId, code, message]
+
+
+async def _write(
+    session: AsyncSession,
+    stmt: BulkStatement,
+    rows: list[list[Any]],
+    *,
+    via: Via,
+    now: datetime,
+    lease: timedelta,
+) -> set[uuid.UUID]:
+    """Run ``stmt`` over ``rows``; the videos it moved on. A video that failed gets its
+    notify_url delivery queued in the same transaction."""
+    params: dict[str, Any] = {"via": via.value, "now": now}
+    if stmt is not _FAIL:
         params["due"] = now + lease
-        columns = [
-            [r.video_id for r in reports],
-            [r.task.taskId for r in reports],
-            [r.task.output[0].url for r in reports],
-            [_expiry(r.task) for r in reports],
-            [r.owner for r in reports],
-        ]
-        names = ["ids", "tasks", "urls", "expires", "owners"]
-    if dialect.name == "postgresql":
-        # asyncpg takes the arrays as lists; timestamps are stored naive UTC.
-        if kind == "claim":
-            columns[3] = [_naive_utc(t) for t in columns[3]]
-        params.update(zip(names, columns, strict=True))
-        return params
-    # SQLite: one JSON document; ids and timestamps in the exact text SQLAlchemy stores.
-    uuid_text = Uuid().dialect_impl(dialect).bind_processor(dialect)
-    time_text = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
-    assert uuid_text is not None
-    assert time_text is not None
-    columns[0] = [uuid_text(v) for v in columns[0]]
-    if kind == "claim":
-        columns[3] = [time_text(t) for t in columns[3]]
-    params["rows"] = json.dumps(list(zip(*columns, strict=True)))
-    return params
+    result = await session.execute(*stmt.for_rows(session.get_bind().dialect, rows, **params))
+    won = {row.id: row for row in result}
+    for video_id, *_ in rows:
+        row = won.get(video_id)
+        if row is not None and row.status == Status.failed and row.notify_url:
+            await queue_notification(
+                session, video_id=row.id, url=row.notify_url, status=row.status, now=now
+            )
+    return set(won)
 
 
-def _naive_utc(value: datetime | None) -> datetime | None:
-    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+def _won(stmt: BulkStatement, report: TaskReport) -> ApplyOutcome:
+    if stmt is _FAIL:
+        return ApplyOutcome.failed
+    if report.owner is None:
+        return ApplyOutcome.download_queued
+    return ApplyOutcome.download_claimed
+
+
+async def _apply_alone(
+    session: AsyncSession,
+    report: TaskReport,
+    plan: _Plan,
+    *,
+    now: datetime,
+    lease: timedelta,
+) -> ApplyOutcome:
+    """One report on its own, after the batch's bulk statements."""
+    params = {"p_video": report.video_id, "p_task": report.task.taskId, "p_now": now}
+    if plan is None:  # still running: record the task if the video has none yet
+        if (await session.execute(_ADOPT, params)).first() is not None:
+            return ApplyOutcome.adopted
+        return await _explain_noop(session, params, ApplyOutcome.pending)
+    stmt, row = plan
+    # A clip of an earlier task of this video: keep it rather than lose a paid clip, unless
+    # the video already has one on the way.
+    for attempt in (stmt, _RESCUE) if stmt is _CLAIM else (stmt,):
+        if await _write(session, attempt, [row], via=report.via, now=now, lease=lease):
+            return _won(stmt, report)
+    return await _explain_noop(session, params, ApplyOutcome.duplicate)
 
 
 async def _explain_noop(
