@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ApiKeys", "ApiKeysError"]
+__all__ = ["OPEN_OWNER", "ApiKeys", "ApiKeysError", "Caller"]
 
 OPEN_OWNER = ""
 _COMMENT = re.compile(r"(^|\s)#.*$")
@@ -22,6 +24,25 @@ _SEPARATOR = re.compile(r"[:\s]")
 
 class ApiKeysError(ValueError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling ``/v1/*``, as ``app.limits.authenticate`` established it.
+
+    ``owner`` is the API key's name (``OPEN_OWNER`` on an open API): everything a caller
+    creates belongs to it. ``video_id`` set means the credential grants reading that one
+    video and nothing else.
+    """
+
+    owner: str
+    video_id: uuid.UUID | None = None
+
+    def may_read(self, owner: str, video_id: uuid.UUID) -> bool:
+        """Whether this caller may read a video of ``owner`` with id ``video_id``."""
+        if self.video_id is not None and self.video_id != video_id:
+            return False
+        return owner == self.owner
 
 
 class ApiKeys:

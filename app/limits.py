@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth import ApiKeys
+from app.auth import ApiKeys, Caller
 from app.config import Settings
 from app.context import context_of
 from app.errors import AppError, error_body
@@ -65,17 +65,18 @@ def unauthorized() -> AppError:
     )
 
 
-def authenticate(api_keys: ApiKeys, authorization: str | None) -> str:
-    """The caller's owner name ('' on an open API), else ``unauthorized()``.
+def authenticate(api_keys: ApiKeys, authorization: str | None) -> Caller:
+    """The caller behind ``authorization`` (an open API's anonymous caller when no keys are
+    set), else ``unauthorized()``.
 
-    The single check for ``/v1/*``: ``RequestGuard`` calls it before the body is read and
-    ``app.api.deps.get_caller`` again in the route. Another credential (a client token) is
-    accepted by extending this function.
+    The single check for ``/v1/*``: ``RequestGuard`` calls it before the body is read, and
+    ``app.api.deps.get_caller`` takes its answer from the request's state. Every other
+    credential is accepted by extending this function.
     """
     owner = api_keys.identify(authorization)
     if owner is None:
         raise unauthorized()
-    return owner
+    return Caller(owner)
 
 
 def image_too_large(limit: int) -> AppError:

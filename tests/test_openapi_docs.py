@@ -16,6 +16,7 @@ import pytest
 from starlette.requests import Request
 
 from app.api.deps import get_caller
+from app.auth import Caller
 from app.errors import AppError
 from tests.conftest import ServiceFactory
 
@@ -127,7 +128,7 @@ class TestCallerCheck:
                 {"type": "http", "method": "GET", "path": "/v1/videos", "headers": headers}
             )
 
-        assert await get_caller(service.ctx.api_keys, bare(f"Bearer {KEY}"), None) == "docs"
+        assert await get_caller(service.ctx.api_keys, bare(f"Bearer {KEY}"), None) == Caller("docs")
         for authorization in (None, "Bearer nope", f"Basic {KEY}"):
             with pytest.raises(AppError) as refused:
                 await get_caller(service.ctx.api_keys, bare(authorization), None)

@@ -17,7 +17,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.auth import ApiKeys
+from app.auth import ApiKeys, Caller
 from app.config import Settings
 from app.context import AppContext, context_of
 from app.limits import CALLER_STATE, authenticate
@@ -171,17 +171,17 @@ async def get_caller(
     api_keys: ApiKeysDep,
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
-) -> str:
-    """The name of the calling API key ('' when the API is open).
+) -> Caller:
+    """Who is calling (``app.auth.Caller``).
 
     ``app.limits.RequestGuard`` has made the check before the body was read and left its
     answer in the request's state; the header is checked here only if a route is ever served
     without the guard, by the same ``authenticate`` on the header as sent.
     """
-    checked: str | None = getattr(request.state, CALLER_STATE, None)
+    checked: Caller | None = getattr(request.state, CALLER_STATE, None)
     if checked is not None:
         return checked
     return authenticate(api_keys, request.headers.get("authorization"))
 
 
-CallerDep = Annotated[str, Depends(get_caller)]
+CallerDep = Annotated[Caller, Depends(get_caller)]

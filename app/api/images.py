@@ -78,7 +78,7 @@ async def upload_image(
     token, key = await images.store(images_root, info, data)
     async with session.begin():
         image = await images.create(
-            session, owner=caller, info=info, data=data, token=token, key=key, now=clock()
+            session, owner=caller.owner, info=info, data=data, token=token, key=key, now=clock()
         )
     return ImageOut(
         id=image.id,

@@ -27,6 +27,7 @@ from app.api.deps import (
     SubmissionDep,
 )
 from app.api.responses import ClipResponse, EventStreamResponse
+from app.auth import Caller
 from app.config import Settings
 from app.errors import AppError, Conflict, NotFound, UpstreamRejected
 from app.models import TERMINAL, Notification, Status, Video
@@ -104,7 +105,7 @@ async def create_video(
 ) -> VideoOut:
     try:
         result = await submission.submit(
-            session, body, owner=caller, idempotency_key=idempotency_key
+            session, body, owner=caller.owner, idempotency_key=idempotency_key
         )
     except Invalid as exc:
         raise RequestValidationError(
@@ -163,7 +164,7 @@ async def list_videos(
     try:
         rows, next_cursor = await repository.list_videos(
             session,
-            owner=caller,
+            owner=caller.owner,
             status=status_,
             limit=limit,
             cursor=cursor,
@@ -193,9 +194,9 @@ def _over_limit(refused: OverLimit) -> AppError:
     )
 
 
-async def _video_or_404(session: SessionDep, video_id: uuid.UUID, owner: str) -> Video:
+async def _video_or_404(session: SessionDep, video_id: uuid.UUID, caller: Caller) -> Video:
     video = await repository.get(session, video_id)
-    if video is None or video.owner != owner:
+    if video is None or not caller.may_read(video.owner, video.id):
         raise NotFound(f"no video with id {video_id}")
     return video
 
@@ -382,7 +383,7 @@ async def video_events(
     return EventStreamResponse(
         stream(),
         slots=streams,
-        caller=caller if not api_keys.open else f"client:{client}",
+        caller=caller.owner if not api_keys.open else f"client:{client}",
         limit=settings.EVENTS_MAX_STREAMS,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
