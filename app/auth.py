@@ -15,9 +15,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["OPEN_OWNER", "ApiKeys", "ApiKeysError", "Caller"]
+__all__ = ["GRANT_OWNER", "OPEN_OWNER", "ApiKeys", "ApiKeysError", "Caller"]
 
 OPEN_OWNER = ""
+# The owner of a one-video grant (a signed URL), which names no key: no key's name has white
+# space, so it owns nothing and lists nothing.
+GRANT_OWNER = " signed url"
 _COMMENT = re.compile(r"(^|\s)#.*$")
 _SEPARATOR = re.compile(r"[:\s]")
 
@@ -39,9 +42,10 @@ class Caller:
     video_id: uuid.UUID | None = None
 
     def may_read(self, owner: str, video_id: uuid.UUID) -> bool:
-        """Whether this caller may read a video of ``owner`` with id ``video_id``."""
-        if self.video_id is not None and self.video_id != video_id:
-            return False
+        """Whether this caller may read a video of ``owner`` with id ``video_id``: a one-video
+        grant reads that video whoever owns it, and nothing else."""
+        if self.video_id is not None:
+            return self.video_id == video_id
         return owner == self.owner
 
 

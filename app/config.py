@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     S3_PRESIGN_SECONDS: int = Field(
         default=300, ge=1, le=604800, description="Lifetime of a presigned content URL."
     )
+    SIGNED_URL_TTL_SECONDS: int = Field(
+        default=3600,
+        ge=60,
+        le=604800,
+        description="Lifetime of the signed content_url and events_url (API keys on).",
+    )
     DOWNLOAD_ALLOWED_HOSTS: str = Field(default="*.hiapi.ai")
     MAX_VIDEO_BYTES: int = Field(default=512 * 1024 * 1024, gt=0)
     DOWNLOAD_LEASE_SECONDS: float = Field(default=60.0, gt=0)

@@ -50,6 +50,7 @@ from app.metrics import METRICS, MetricsEndpoint
 from app.outputs import OutputCheck
 from app.schemas import VideoOut
 from app.security import callback_url
+from app.signing import UrlSigner, VideoUrls
 from app.storage import Storage, open_storage
 from app.streams import StreamSlots
 from app.submission import Submission
@@ -69,6 +70,8 @@ class AppContext:
     stop: asyncio.Event  # set at shutdown: loops, streams and downloads end
     secret: bytes  # WEBHOOK_SECRET (or one per process): callback URL tokens, list cursors
     api_keys: ApiKeys
+    url_signer: UrlSigner  # signed content and events URLs (``app.signing``)
+    video_urls: VideoUrls  # a video's content_url and events_url: signed when keys are on
     storage: Storage  # the clips
     images_root: Path  # uploaded stills: on STORAGE_DIR, whatever the clip store
     intake: Intake
@@ -201,6 +204,9 @@ async def open_context(
             callback_url=functools.partial(callback_url, settings.public_base, secret),
         )
         images_root = settings.STORAGE_DIR.resolve()
+        api_keys = ApiKeys.load(settings.API_KEYS.get_secret_value(), settings.API_KEYS_FILE)
+        url_signer = UrlSigner(secret, ttl=settings.SIGNED_URL_TTL_SECONDS, clock=clock)
+        video_urls = VideoUrls(settings.public_base, None if api_keys.open else url_signer)
 
         async def render(video_id: uuid.UUID) -> dict[str, Any] | None:
             async with sessionmaker() as session:
@@ -208,7 +214,7 @@ async def open_context(
                 if video is None:
                     return None
                 note = await repository.latest_notification(session, video_id)
-            out = VideoOut.of(video, public_base=settings.public_base, notification=note)
+            out = VideoOut.of(video, urls=video_urls, notification=note)
             return out.model_dump(mode="json")
 
         yield AppContext(
@@ -219,7 +225,9 @@ async def open_context(
             head_revision=head_revision,
             stop=stop,
             secret=secret,
-            api_keys=ApiKeys.load(settings.API_KEYS.get_secret_value(), settings.API_KEYS_FILE),
+            api_keys=api_keys,
+            url_signer=url_signer,
+            video_urls=video_urls,
             storage=storage,
             images_root=images_root,
             intake=intake,

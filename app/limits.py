@@ -24,10 +24,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth import ApiKeys, Caller
+from app.auth import GRANT_OWNER, ApiKeys, Caller
 from app.config import Settings
 from app.context import context_of
 from app.errors import AppError, error_body
+from app.signing import SignedRequest, UrlSigner, signed_request
 
 __all__ = [
     "CALLER_STATE",
@@ -65,14 +66,26 @@ def unauthorized() -> AppError:
     )
 
 
-def authenticate(api_keys: ApiKeys, authorization: str | None) -> Caller:
+def authenticate(
+    api_keys: ApiKeys,
+    authorization: str | None,
+    *,
+    signed: SignedRequest | None = None,
+    signer: UrlSigner | None = None,
+) -> Caller:
     """The caller behind ``authorization`` (an open API's anonymous caller when no keys are
     set), else ``unauthorized()``.
 
     The single check for ``/v1/*``: ``RequestGuard`` calls it before the body is read, and
     ``app.api.deps.get_caller`` takes its answer from the request's state. Every other
     credential is accepted by extending this function.
+
+    ``signed`` is what a request to a signable path offers (``app.signing.signed_request``):
+    with API keys on and no ``Authorization`` header, its signature alone authenticates, as a
+    grant to read that one video (403 ``bad_signature`` or ``url_expired`` otherwise).
     """
+    if signed is not None and signer is not None and authorization is None and not api_keys.open:
+        return Caller(GRANT_OWNER, video_id=signer.verify(signed))
     owner = api_keys.identify(authorization)
     if owner is None:
         raise unauthorized()
@@ -148,10 +161,16 @@ class RequestGuard:
         # size is unknown or over DRAIN_BYTES, ends with the connection instead.
         unread_large = chunked or (declared is not None and declared > DRAIN_BYTES)
 
-        api_keys = context_of(scope["app"]).api_keys
+        ctx = context_of(scope["app"])
+        signed = signed_request(scope["method"], path, scope.get("query_string", b""))
         try:
             # Kept for the route (``app.api.deps.get_caller``), so a request is checked once.
-            scope.setdefault("state", {})[CALLER_STATE] = authenticate(api_keys, authorization)
+            scope.setdefault("state", {})[CALLER_STATE] = authenticate(
+                ctx.api_keys,
+                authorization,
+                signed=signed,
+                signer=ctx.url_signer if signed is not None else None,
+            )
         except AppError as exc:
             await _response(exc, close=unread_large)(scope, receive, send)
             return

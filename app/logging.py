@@ -41,11 +41,13 @@ class _ContextFilter(logging.Filter):
 
 
 _WEBHOOK_TOKEN = re.compile(r"(/webhooks/hiapi/[^/\s]+/)[^\s\"?]+")
+_URL_SIGNATURE = re.compile(r"([?&]sig=)[^&\s\"'#]+")
 
 
 def redact(text: str) -> str:
-    """Webhook URLs carry a credential in their last segment; never let it reach a log."""
-    return _WEBHOOK_TOKEN.sub(r"\1***", text)
+    """Webhook URLs carry a credential in their last segment, signed URLs in their ``sig``
+    parameter (access log lines print the query); never let either reach a log."""
+    return _URL_SIGNATURE.sub(r"\1***", _WEBHOOK_TOKEN.sub(r"\1***", text))
 
 
 class _RedactFilter(logging.Filter):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Literal, Self
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
@@ -15,6 +15,9 @@ from app.hiapi.schemas import DURATION_MAX, DURATION_MIN, image_url_errors
 from app.jobs.hosts import canonical_host
 from app.models import Notification, Status, Video
 from app.net import is_public_address
+
+if TYPE_CHECKING:
+    from app.signing import VideoUrls
 
 __all__ = [
     "FIELD_HINTS",
@@ -192,7 +195,10 @@ VIDEO_EXAMPLE: dict[str, JsonValue] = {
     "error": None,
     "size_bytes": 45091,
     "sha256": "9106a689ea9550df1b44a4a5825a9a0dd022d666807acc54f325d34c69fe383b",
-    "content_url": "https://relay.example.com/v1/videos/5f0c7d7e-8c1b-4f0e-9a55-1d2b3c4d5e6f/content",
+    "content_url": "https://relay.example.com/v1/videos/5f0c7d7e-8c1b-4f0e-9a55-1d2b3c4d5e6f"
+    "/content?exp=1795887911&sig=q9c1uY0Vh8m2b5JmQk3m4l0bXQ3u8b7yq6QmC0d3N2s",
+    "events_url": "https://relay.example.com/v1/videos/5f0c7d7e-8c1b-4f0e-9a55-1d2b3c4d5e6f"
+    "/events?exp=1795887911&sig=Jm3v8d0Xo2sH5q1cYb7kN9rT4wE6uA0zL8pG2fV5iQk",
     "notify": None,
     "created_at": "2026-11-28T16:45:09.379107Z",
     "updated_at": "2026-11-28T16:45:11.451912Z",
@@ -212,14 +218,27 @@ class VideoOut(BaseModel):
     error: VideoError | None
     size_bytes: int | None
     sha256: str | None
-    content_url: str | None = Field(description="Where the stored MP4 is served once ready.")
+    content_url: str | None = Field(
+        description=(
+            "Where the stored MP4 is served once ready (absolute; null until then). With API "
+            "keys on it is a signed URL valid `SIGNED_URL_TTL_SECONDS` that needs no "
+            "`Authorization` header, for `<video src>`; GET the video again for a fresh one."
+        )
+    )
+    events_url: str = Field(
+        description=(
+            "This video's Server-Sent Events stream (absolute). With API keys on it is a "
+            "signed URL valid `SIGNED_URL_TTL_SECONDS` that needs no `Authorization` header, "
+            "for `new EventSource(events_url)`; GET the video again for a fresh one."
+        )
+    )
     notify: NotifyOut | None = Field(description="Push to `notify_url`, if one was given.")
     created_at: datetime
     updated_at: datetime
 
     @classmethod
     def of(
-        cls, video: Video, *, public_base: str, notification: Notification | None = None
+        cls, video: Video, *, urls: VideoUrls, notification: Notification | None = None
     ) -> VideoOut:
         error = (
             VideoError(code=video.error_code, message=video.error_message or "")
@@ -249,7 +268,8 @@ class VideoOut(BaseModel):
             error=error,
             size_bytes=video.size_bytes,
             sha256=video.sha256,
-            content_url=f"{public_base}/v1/videos/{video.id}/content" if ready else None,
+            content_url=urls.content(video.id) if ready else None,
+            events_url=urls.events(video.id),
             notify=notify,
             created_at=video.created_at,
             updated_at=video.updated_at,

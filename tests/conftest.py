@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -300,11 +301,17 @@ class ServiceFactory:
         self.sim = sim
         self.running: list[Service] = []
 
-    async def start(self, *, log_level: str = "warning", **overrides: Any) -> Service:
+    async def start(
+        self,
+        *,
+        log_level: str = "warning",
+        clock: Callable[[], datetime] | None = None,
+        **overrides: Any,
+    ) -> Service:
         sock = free_socket()
         public = f"http://127.0.0.1:{sock.getsockname()[1]}"
         settings = make_settings(self.database_url, self.storage, self.sim.url, public, **overrides)
-        app = create_app(settings)
+        app = create_app(settings) if clock is None else create_app(settings, clock=clock)
         server = RunningServer(app, sock, log_level=log_level)
         await server.start()
         client = httpx.AsyncClient(base_url=server.url, timeout=10)

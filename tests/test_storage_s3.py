@@ -545,6 +545,23 @@ class TestFlowOnS3:
         other = await service.client.get(f"/v1/videos/{uuid.uuid4()}/content")
         assert other.status_code == 404
 
+        # The signed content_url (no Authorization, as a <video> sends it) answers the same
+        # redirect; altered, it answers nothing.
+        signed = done["content_url"][len(service.settings.public_base) :]
+        assert "&sig=" in signed
+        async with httpx.AsyncClient(base_url=service.server.url) as browser:
+            redirect = await browser.get(signed)
+            assert redirect.status_code == 307
+            assert redirect.headers["location"].startswith(f"{bucket.endpoint}/{bucket.name}/")
+            played = await browser.get(signed, follow_redirects=True)
+            assert played.status_code == 200 and played.content == original
+            part = await browser.get(
+                signed, headers={"Range": "bytes=10-19"}, follow_redirects=True
+            )
+            assert part.status_code == 206 and part.content == original[10:20]
+            forged = await browser.get(signed.replace("exp=", "exp=1"))
+            assert forged.status_code == 403 and "location" not in forged.headers
+
     async def test_source_dropping_mid_upload_aborts_it_then_retries_to_success(
         self, services: ServiceFactory, sim: Sim, bucket: Bucket
     ):

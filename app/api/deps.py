@@ -22,6 +22,7 @@ from app.config import Settings
 from app.context import AppContext, context_of
 from app.limits import CALLER_STATE, authenticate
 from app.metrics import MetricsEndpoint
+from app.signing import VideoUrls
 from app.storage import Storage
 from app.streams import StreamSlots
 from app.submission import Submission
@@ -42,6 +43,7 @@ __all__ = [
     "StopDep",
     "StorageDep",
     "SubmissionDep",
+    "VideoUrlsDep",
 ]
 
 
@@ -111,6 +113,14 @@ async def get_secret(ctx: _ContextDep) -> bytes:
 
 
 SecretDep = Annotated[bytes, Depends(get_secret)]
+
+
+async def get_video_urls(ctx: _ContextDep) -> VideoUrls:
+    """A video's ``content_url`` and ``events_url``: signed when API keys are on."""
+    return ctx.video_urls
+
+
+VideoUrlsDep = Annotated[VideoUrls, Depends(get_video_urls)]
 
 
 async def get_storage(ctx: _ContextDep) -> Storage:

@@ -25,13 +25,14 @@ from app.api.deps import (
     StopDep,
     StorageDep,
     SubmissionDep,
+    VideoUrlsDep,
 )
 from app.api.responses import ClipResponse, EventStreamResponse
 from app.auth import Caller
-from app.config import Settings
 from app.errors import AppError, Conflict, NotFound, UpstreamRejected
 from app.models import TERMINAL, Notification, Status, Video
 from app.schemas import FIELD_RULE, ErrorOut, VideoCreate, VideoOut, VideoPage
+from app.signing import VideoUrls
 from app.submission import Invalid, OverLimit
 
 __all__ = ["router", "to_out"]
@@ -48,10 +49,20 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     },
     404: {"model": ErrorOut, "description": "No such video (or it belongs to another key)."},
 }
+SIGNED_ERRORS: dict[int | str, dict[str, Any]] = {
+    403: {
+        "model": ErrorOut,
+        "description": (
+            "A signed URL (`exp` and `sig`, no `Authorization` header) that was altered "
+            "(`bad_signature`) or is past its `exp` (`url_expired`: GET the video again for a "
+            "fresh one)."
+        ),
+    },
+}
 
 
-def to_out(settings: Settings, video: Video, notification: Notification | None = None) -> VideoOut:
-    return VideoOut.of(video, public_base=settings.public_base, notification=notification)
+def to_out(urls: VideoUrls, video: Video, notification: Notification | None = None) -> VideoOut:
+    return VideoOut.of(video, urls=urls, notification=notification)
 
 
 @router.post(
@@ -89,7 +100,7 @@ def to_out(settings: Settings, video: Video, notification: Notification | None =
 )
 async def create_video(
     body: VideoCreate,
-    settings: SettingsDep,
+    urls: VideoUrlsDep,
     submission: SubmissionDep,
     session: SessionDep,
     caller: CallerDep,
@@ -118,19 +129,19 @@ async def create_video(
             "Idempotency-Key was already used with different parameters; use a new key "
             "for a new video",
             code="idempotency_conflict",
-            extra={"video": to_out(settings, result.video)},
+            extra={"video": to_out(urls, result.video)},
         )
     if result.created == lifecycle.Created.replayed:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
-        return to_out(settings, result.video)
+        return to_out(urls, result.video)
     if result.rejected is not None:
         raise UpstreamRejected(
             f"hiapi rejected the task ({result.rejected.status_code} {result.rejected.code}): "
             f"{result.rejected.message}",
-            extra={"video": to_out(settings, result.video)},
+            extra={"video": to_out(urls, result.video)},
         )
-    return to_out(settings, result.video)
+    return to_out(urls, result.video)
 
 
 @router.get(
@@ -141,7 +152,7 @@ async def create_video(
     responses={401: ERRORS[401], 422: {"model": ErrorOut, "description": "Bad parameter."}},
 )
 async def list_videos(
-    settings: SettingsDep,
+    urls: VideoUrlsDep,
     secret: SecretDep,
     session: SessionDep,
     caller: CallerDep,
@@ -176,7 +187,7 @@ async def list_videos(
         ) from None
     notes = await repository.notifications_for(session, [v.id for v in rows if v.notify_url])
     return VideoPage(
-        items=[to_out(settings, v, notes.get(v.id)) for v in rows], next_cursor=next_cursor
+        items=[to_out(urls, v, notes.get(v.id)) for v in rows], next_cursor=next_cursor
     )
 
 
@@ -209,11 +220,11 @@ async def _video_or_404(session: SessionDep, video_id: uuid.UUID, caller: Caller
     summary="Read one video",
 )
 async def read_video(
-    video_id: uuid.UUID, settings: SettingsDep, session: SessionDep, caller: CallerDep
+    video_id: uuid.UUID, urls: VideoUrlsDep, session: SessionDep, caller: CallerDep
 ) -> VideoOut:
     video = await _video_or_404(session, video_id, caller)
     note = await repository.latest_notification(session, video.id) if video.notify_url else None
-    return to_out(settings, video, note)
+    return to_out(urls, video, note)
 
 
 @router.get(
@@ -223,6 +234,8 @@ async def read_video(
     summary="Stream the stored MP4",
     description=(
         "Serves `video/mp4` with HTTP Range support, so a `<video>` tag can seek.\n\n"
+        "With API keys on, the video's `content_url` is this URL signed (`?exp=...&sig=...`): "
+        "it needs no `Authorization` header and reads this one video until `exp`.\n\n"
         "When clips are stored in S3 (`STORAGE_URL=s3://...`), this answers `307` with a "
         "`Location` of a short-lived presigned URL (`S3_PRESIGN_SECONDS`) on the bucket, "
         "which serves the same bytes with Range support. Browsers and HTTP clients follow it; "
@@ -246,6 +259,7 @@ async def read_video(
         },
         400: {"model": ErrorOut, "description": "Malformed `Range` header (`bad_range`)."},
         401: ERRORS[401],
+        **SIGNED_ERRORS,
         404: ERRORS[404],
         409: {"model": ErrorOut, "description": "The video is not ready yet."},
         416: {
@@ -309,7 +323,10 @@ STATUS_ORDER: dict[str, int] = {
     description=(
         "A `text/event-stream` of the video's status changes. Each event has `id` "
         "(`<n>-<status>`), `event` (`status` while running, then `ready` or `failed`) and "
-        "`data` (the video JSON). The stream ends after the final event, or after "
+        "`data` (the video JSON, with fresh signed URLs when API keys are on). With API keys "
+        "on, the video's `events_url` is this URL signed (`?exp=...&sig=...`), for "
+        "`new EventSource(events_url)` with no `Authorization` header. The stream ends "
+        "after the final event, or after "
         "`EVENTS_MAX_STREAM_SECONDS` (reconnect then). A comment line is sent every "
         "`EVENTS_HEARTBEAT_SECONDS` (15 s) as a heartbeat. Reconnect with `Last-Event-ID` "
         "to get only what changed since. Events come from the database, so any replica can "
@@ -319,6 +336,7 @@ STATUS_ORDER: dict[str, int] = {
     responses={
         200: {"content": {"text/event-stream": {}}},
         401: ERRORS[401],
+        **SIGNED_ERRORS,
         404: ERRORS[404],
         429: {
             "model": ErrorOut,
@@ -330,6 +348,7 @@ STATUS_ORDER: dict[str, int] = {
 async def video_events(
     video_id: uuid.UUID,
     settings: SettingsDep,
+    urls: VideoUrlsDep,
     sessionmaker: SessionmakerDep,
     stop: StopDep,
     streams: EventStreamsDep,
@@ -339,7 +358,7 @@ async def video_events(
     request: Request,
     last_event_id: Annotated[str | None, Header(description="Resume after this event.")] = None,
 ) -> StreamingResponse:
-    await _video_or_404(session, video_id, caller)
+    owner = (await _video_or_404(session, video_id, caller)).owner
     await session.close()  # the stream opens short sessions of its own
 
     async def stream() -> AsyncGenerator[str, None]:
@@ -365,7 +384,7 @@ async def video_events(
             final = video.status in TERMINAL
             if event_id != last:
                 kind = video.status if final else "status"
-                data = to_out(settings, video, note).model_dump_json()
+                data = to_out(urls, video, note).model_dump_json()
                 yield f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n"
                 last = event_id
             if final:
@@ -378,12 +397,13 @@ async def video_events(
                 await asyncio.wait_for(stop.wait(), wait)
 
     # On an open API every caller is the same owner (""): count streams per client address
-    # instead, so that anonymous viewers do not share one process-wide allowance.
+    # instead, so that anonymous viewers do not share one process-wide allowance. A signed
+    # URL's streams count against the key that owns the video.
     client = request.client.host if request.client else ""
     return EventStreamResponse(
         stream(),
         slots=streams,
-        caller=caller.owner if not api_keys.open else f"client:{client}",
+        caller=owner if not api_keys.open else f"client:{client}",
         limit=settings.EVENTS_MAX_STREAMS,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
