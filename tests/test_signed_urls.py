@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from app.auth import GRANT_OWNER, Caller
 from app.db import utc_now
 from app.logging import redact
 from tests.conftest import ChildServer, Service, ServiceFactory, child_env, videorelay
@@ -181,7 +183,7 @@ class TestSignedUrls:
         ready = await service.wait_for(video["id"], "ready")
         content, events = local(ready["content_url"], service), local(ready["events_url"], service)
         async with anonymous(service) as browser:
-            clock.offset = timedelta(seconds=59)
+            clock.offset = timedelta(seconds=50)
             assert (await browser.get(content)).status_code == 200
             clock.offset = timedelta(seconds=61)
             for url in (content, events):
@@ -317,3 +319,11 @@ async def test_notify_push_carries_signed_urls(services: ServiceFactory) -> None
         for field in ("content_url", "events_url"):
             assert "&sig=" in pushed[field]
             assert (await browser.get(local(pushed[field], service))).status_code == 200
+
+
+def test_a_grant_reads_its_video_only() -> None:
+    video, other = uuid.uuid4(), uuid.uuid4()
+    grant = Caller(GRANT_OWNER, video_id=video)
+    assert grant.may_read("app", video) and grant.may_read("other", video)
+    assert not grant.may_read("app", other) and not grant.may_read(GRANT_OWNER, other)
+    assert Caller("app").may_read("app", other) and not Caller("app").may_read("b", other)
