@@ -28,7 +28,7 @@ from app.auth import GRANT_OWNER, ApiKeys, Caller
 from app.config import Settings
 from app.context import context_of
 from app.errors import AppError, error_body
-from app.signing import SignedRequest, UrlSigner, signed_request
+from app.signing import BadSignature, SignedRequest, UrlExpired, UrlSigner, signed_request
 
 __all__ = [
     "CALLER_STATE",
@@ -85,7 +85,22 @@ def authenticate(
     grant to read that one video (403 ``bad_signature`` or ``url_expired`` otherwise).
     """
     if signed is not None and signer is not None and authorization is None and not api_keys.open:
-        return Caller(GRANT_OWNER, video_id=signer.verify(signed))
+        try:
+            return Caller(GRANT_OWNER, video_id=signer.verify(signed))
+        except BadSignature:
+            raise AppError(
+                "the URL's signature does not match: use the content_url or events_url exactly "
+                "as the video JSON gave it",
+                code="bad_signature",
+                status_code=403,
+            ) from None
+        except UrlExpired:
+            raise AppError(
+                "this signed URL has expired: GET the video again for a fresh content_url and "
+                "events_url",
+                code="url_expired",
+                status_code=403,
+            ) from None
     owner = api_keys.identify(authorization)
     if owner is None:
         raise unauthorized()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import uuid
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Literal, Self
+from typing import Annotated, Literal, Self
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
@@ -15,9 +15,7 @@ from app.hiapi.schemas import DURATION_MAX, DURATION_MIN, image_url_errors
 from app.jobs.hosts import canonical_host
 from app.models import Notification, Status, Video
 from app.net import is_public_address
-
-if TYPE_CHECKING:
-    from app.signing import VideoUrls
+from app.signing import VideoUrls
 
 __all__ = [
     "FIELD_HINTS",

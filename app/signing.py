@@ -19,9 +19,14 @@ from collections.abc import Callable
 from datetime import datetime
 from urllib.parse import parse_qsl
 
-from app.errors import AppError
-
-__all__ = ["SignedRequest", "UrlSigner", "VideoUrls", "signed_request"]
+__all__ = [
+    "BadSignature",
+    "SignedRequest",
+    "UrlExpired",
+    "UrlSigner",
+    "VideoUrls",
+    "signed_request",
+]
 
 _KEY_LABEL = b"videorelay signed urls"
 _METHODS = frozenset({"GET", "HEAD"})
@@ -69,21 +74,12 @@ def signed_request(method: str, path: str, query: bytes) -> SignedRequest | None
     )
 
 
-def bad_signature() -> AppError:
-    return AppError(
-        "the URL's signature does not match: use the content_url or events_url exactly as "
-        "the video JSON gave it",
-        code="bad_signature",
-        status_code=403,
-    )
+class BadSignature(Exception):
+    """The path, ``exp`` or ``sig`` was altered (or one is missing)."""
 
 
-def url_expired() -> AppError:
-    return AppError(
-        "this signed URL has expired: GET the video again for a fresh content_url and events_url",
-        code="url_expired",
-        status_code=403,
-    )
+class UrlExpired(Exception):
+    """An intact signed URL past its ``exp``."""
 
 
 class UrlSigner:
@@ -104,17 +100,17 @@ class UrlSigner:
         return f"{path}?exp={exp}&sig={self._signature(path, exp).decode()}"
 
     def verify(self, offered: SignedRequest) -> uuid.UUID:
-        """The video the URL grants reading, else ``bad_signature`` (altered path, ``exp`` or
-        ``sig``) or ``url_expired`` (intact, but past ``exp``)."""
+        """The video the URL grants reading, else ``BadSignature`` (altered path, ``exp`` or
+        ``sig``) or ``UrlExpired`` (intact, but past ``exp``)."""
         exp, sig = offered.exp, offered.sig
         if exp is None or sig is None or not exp.isascii() or not exp.isdigit():
-            raise bad_signature()
+            raise BadSignature
         # The text itself is compared: base64 decoders skip stray characters, and an altered
         # URL must not pass.
         if not hmac.compare_digest(sig.encode(), self._signature(offered.path, exp)):
-            raise bad_signature()
+            raise BadSignature
         if int(exp) <= self.clock().timestamp():
-            raise url_expired()
+            raise UrlExpired
         return offered.video_id
 
 
