@@ -13,6 +13,7 @@ import hmac
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 __all__ = ["GRANT_OWNER", "OPEN_OWNER", "ApiKeys", "ApiKeysError", "Caller"]
@@ -34,18 +35,37 @@ class Caller:
     """Who is calling ``/v1/*``, as ``app.limits.authenticate`` established it.
 
     ``owner`` is the API key's name (``OPEN_OWNER`` on an open API): everything a caller
-    creates belongs to it. ``video_id`` set means the credential grants reading that one
-    video and nothing else.
+    creates belongs to it. A client token adds ``subject`` (its end user: what the token
+    creates belongs to ``(owner, subject)``, and it sees nothing else), its ``scopes`` (None:
+    all, as for the key itself), ``token_id``, ``cap`` (the seconds it may spend in all) and
+    ``token_expires_at``.
+    ``video_id`` set means the credential grants reading that one video and nothing else.
     """
 
     owner: str
     video_id: uuid.UUID | None = None
+    subject: str | None = None
+    scopes: frozenset[str] | None = None
+    token_id: str | None = None
+    cap: int | None = None
+    token_expires_at: datetime | None = None
 
-    def may_read(self, owner: str, video_id: uuid.UUID) -> bool:
-        """Whether this caller may read a video of ``owner`` with id ``video_id``: a one-video
-        grant reads that video whoever owns it, and nothing else."""
+    @property
+    def stored_subject(self) -> str:
+        """The ``subject`` column of what this caller creates (``""``: the key itself)."""
+        return self.subject or ""
+
+    def may(self, scope: str) -> bool:
+        return self.scopes is None or scope in self.scopes
+
+    def may_read(self, owner: str, video_id: uuid.UUID, subject: str = "") -> bool:
+        """Whether this caller may read a video of ``(owner, subject)`` with id ``video_id``: a
+        one-video grant reads that video whoever owns it, and nothing else; a client token
+        reads its own subject's videos only."""
         if self.video_id is not None:
             return self.video_id == video_id
+        if self.subject is not None and self.subject != subject:
+            return False
         return owner == self.owner
 
 
@@ -63,6 +83,10 @@ class ApiKeys:
     @property
     def names(self) -> list[str]:
         return [name for name, _ in self._digests]
+
+    def has(self, name: str) -> bool:
+        """Whether a key of this name is configured (an open API has the one name ``""``)."""
+        return name == OPEN_OWNER if self.open else any(n == name for n, _ in self._digests)
 
     @classmethod
     def load(cls, spec: str, file: Path | None) -> ApiKeys:

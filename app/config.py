@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.net import is_public_address
 from app.storage.base import StorageLocation, parse_storage_url
+from app.tokens import ClientTokens
 
 __all__ = ["ConfigError", "Settings"]
 
@@ -96,6 +97,15 @@ class Settings(BaseSettings):
     DAILY_VIDEO_SECONDS_LIMIT: int = Field(
         default=0, ge=0, description="Video-seconds per API key per UTC day; 0 = no limit."
     )
+    DAILY_VIDEO_SECONDS_PER_SUBJECT: int = Field(
+        default=0,
+        ge=0,
+        description="Video-seconds per client-token subject per API key per UTC day; 0 = none.",
+    )
+    CLIENT_TOKEN_SECRET: SecretStr | None = Field(
+        default=None,
+        description="Signs client tokens; comma-separated, the first signs, any verifies.",
+    )
     NOTIFY_SECRET: SecretStr | None = Field(
         default=None,
         description="Signs notify_url deliveries (Standard Webhooks); `whsec_<base64>` or text.",
@@ -136,7 +146,12 @@ class Settings(BaseSettings):
     CORS_ORIGINS: str = Field(default="", description="Comma-separated origins, or `*`.")
 
     @field_validator(
-        "STORAGE_URL", "S3_ENDPOINT_URL", "METRICS_TOKEN", "METRICS_PORT", mode="before"
+        "STORAGE_URL",
+        "S3_ENDPOINT_URL",
+        "METRICS_TOKEN",
+        "METRICS_PORT",
+        "CLIENT_TOKEN_SECRET",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -146,6 +161,11 @@ class Settings(BaseSettings):
     def _check(self) -> Self:
         if self.WEBHOOK_SECRET is not None and len(self.WEBHOOK_SECRET.get_secret_value()) < 16:
             raise ConfigError("WEBHOOK_SECRET must be at least 16 characters long")
+        if self.CLIENT_TOKEN_SECRET is not None:
+            try:
+                ClientTokens.parse_secrets(self.CLIENT_TOKEN_SECRET.get_secret_value())
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if not self.PUBLIC_BASE_URL.startswith(("http://", "https://")):
             raise ConfigError("PUBLIC_BASE_URL must start with http:// or https://")
         try:
@@ -162,6 +182,14 @@ class Settings(BaseSettings):
         ):
             raise ConfigError("S3_ENDPOINT_URL must start with http:// or https://")
         return self
+
+    @property
+    def client_tokens(self) -> ClientTokens | None:
+        """The signer of client tokens, or None when ``CLIENT_TOKEN_SECRET`` is unset."""
+        if self.CLIENT_TOKEN_SECRET is None:
+            return None
+        found = ClientTokens.parse_secrets(self.CLIENT_TOKEN_SECRET.get_secret_value())
+        return ClientTokens(found) if found else None
 
     def require_production_secrets(self) -> None:
         """``serve`` without ``--simulate`` talks to the real, paid hiapi: refuse to guess."""

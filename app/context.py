@@ -54,6 +54,7 @@ from app.signing import UrlSigner, VideoUrls
 from app.storage import Storage, open_storage
 from app.streams import StreamSlots
 from app.submission import Submission
+from app.tokens import ClientTokens
 
 __all__ = ["AppContext", "context_of", "download_session", "open_context"]
 
@@ -72,6 +73,7 @@ class AppContext:
     api_keys: ApiKeys
     url_signer: UrlSigner  # signed content and events URLs (``app.signing``)
     video_urls: VideoUrls  # a video's content_url and events_url: signed when keys are on
+    client_tokens: ClientTokens | None  # CLIENT_TOKEN_SECRET unset: no client tokens
     storage: Storage  # the clips
     images_root: Path  # uploaded stills: on STORAGE_DIR, whatever the clip store
     intake: Intake
@@ -228,6 +230,7 @@ async def open_context(
             api_keys=api_keys,
             url_signer=url_signer,
             video_urls=video_urls,
+            client_tokens=settings.client_tokens,
             storage=storage,
             images_root=images_root,
             intake=intake,
@@ -236,6 +239,7 @@ async def open_context(
                 clock=clock,
                 public_base=settings.public_base,
                 daily_limit=settings.DAILY_VIDEO_SECONDS_LIMIT,
+                subject_daily_limit=settings.DAILY_VIDEO_SECONDS_PER_SUBJECT,
                 notify_allow_local=settings.NOTIFY_ALLOW_LOCAL,
                 notify_signing=settings.NOTIFY_SECRET is not None,
             ),

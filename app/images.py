@@ -41,6 +41,7 @@ from PIL import UnidentifiedImageError
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.auth import Caller
 from app.models import TERMINAL, Image, Video
 
 __all__ = [
@@ -297,6 +298,7 @@ async def create(
     session: AsyncSession,
     *,
     owner: str,
+    subject: str = "",
     info: ImageInfo,
     data: bytes,
     token: str,
@@ -307,6 +309,7 @@ async def create(
     image = Image(
         id=uuid.uuid4(),
         owner=owner,
+        subject=subject,
         token=token,
         content_type=info.content_type,
         extension=info.extension,
@@ -322,9 +325,13 @@ async def create(
     return image
 
 
-async def get_owned(session: AsyncSession, image_id: uuid.UUID, *, owner: str) -> Image | None:
+async def get_owned(session: AsyncSession, image_id: uuid.UUID, *, caller: Caller) -> Image | None:
+    """The caller's image: its key's, and its subject's when the caller is a client token
+    (the key itself may use any of its subjects' images)."""
     image = await session.get(Image, image_id)
-    if image is None or image.owner != owner or image.deleted_at is not None:
+    if image is None or image.owner != caller.owner or image.deleted_at is not None:
+        return None
+    if caller.subject is not None and image.subject != caller.subject:
         return None
     return image
 

@@ -216,11 +216,16 @@ async def create_video(
     *,
     params: NewVideo,
     owner: str = "",
+    subject: str = "",
+    token_id: str | None = None,
     idempotency_key: str | None,
     now: datetime,
     submit_hold: timedelta,
 ) -> tuple[Video, Created]:
     """Insert a queued video; with an idempotency key, return the earlier video instead.
+
+    The key is looked up within ``(owner, subject)`` only: one end user of an API key never
+    sees another's video through a replay or a conflict.
 
     ``due_at`` is pushed ``submit_hold`` into the future so the reconciler leaves the first
     submit attempt to the request that created the row.
@@ -235,6 +240,8 @@ async def create_video(
         "image_id": params.image_id,
         "notify_url": params.notify_url,
         "owner": owner,
+        "subject": subject,
+        "token_id": token_id,
         "idempotency_key": idempotency_key,
         "due_at": now + submit_hold,
         "created_at": now,
@@ -253,13 +260,17 @@ async def create_video(
     stmt = (
         dialect_insert(session)(Video)
         .values(**values)
-        .on_conflict_do_nothing(index_elements=["owner", "idempotency_key"])
+        .on_conflict_do_nothing(index_elements=["owner", "subject", "idempotency_key"])
         .returning(Video.id)
     )
     inserted = (await session.execute(stmt)).scalar_one_or_none()
     existing = (
         await session.execute(
-            select(Video).where(Video.owner == owner, Video.idempotency_key == idempotency_key)
+            select(Video).where(
+                Video.owner == owner,
+                Video.subject == subject,
+                Video.idempotency_key == idempotency_key,
+            )
         )
     ).scalar_one()
     if inserted is not None:
@@ -325,7 +336,12 @@ async def record_submit_rejected(
     )
     if failed is not None:
         await refund_spend(
-            session, owner=failed.owner, day=failed.created_at.date(), seconds=failed.duration
+            session,
+            owner=failed.owner,
+            day=failed.created_at.date(),
+            seconds=failed.duration,
+            subject=failed.subject,
+            token_id=failed.token_id,
         )
     return failed
 

@@ -18,6 +18,7 @@ straight through after one prefix test.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -29,6 +30,7 @@ from app.config import Settings
 from app.context import context_of
 from app.errors import AppError, error_body
 from app.signing import BadSignature, SignedRequest, UrlExpired, UrlSigner, signed_request
+from app.tokens import ClientTokens, TokenError, looks_like_token
 
 __all__ = [
     "CALLER_STATE",
@@ -37,7 +39,9 @@ __all__ = [
     "RequestGuard",
     "authenticate",
     "image_too_large",
+    "insufficient_scope",
     "install_request_guard",
+    "require_scope",
     "unauthorized",
 ]
 
@@ -66,12 +70,38 @@ def unauthorized() -> AppError:
     )
 
 
+def insufficient_scope(scope: str) -> AppError:
+    return AppError(
+        f"this client token lacks the scope {scope!r}; mint one with it",
+        code="insufficient_scope",
+        status_code=403,
+        extra={"scope": scope},
+    )
+
+
+def require_scope(caller: Caller, scope: str) -> None:
+    """403 ``insufficient_scope`` unless the caller holds ``scope`` (an API key holds all)."""
+    if not caller.may(scope):
+        raise insufficient_scope(scope)
+
+
+def _token_refused(error: TokenError) -> AppError:
+    return AppError(
+        error.message,
+        code=error.code,
+        status_code=401,
+        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+    )
+
+
 def authenticate(
     api_keys: ApiKeys,
     authorization: str | None,
     *,
     signed: SignedRequest | None = None,
     signer: UrlSigner | None = None,
+    tokens: ClientTokens | None = None,
+    now: datetime | None = None,
 ) -> Caller:
     """The caller behind ``authorization`` (an open API's anonymous caller when no keys are
     set), else ``unauthorized()``.
@@ -79,6 +109,10 @@ def authenticate(
     The single check for ``/v1/*``: ``RequestGuard`` calls it before the body is read, and
     ``app.api.deps.get_caller`` takes its answer from the request's state. Every other
     credential is accepted by extending this function.
+
+    A JWT-shaped bearer is a client token when ``tokens`` is set (``CLIENT_TOKEN_SECRET``):
+    verified against ``now`` (the service's clock), and only while the key that minted it
+    exists.
 
     ``signed`` is what a request to a signable path offers (``app.signing.signed_request``):
     with API keys on and no ``Authorization`` header, its signature alone authenticates, as a
@@ -101,6 +135,25 @@ def authenticate(
                 code="url_expired",
                 status_code=403,
             ) from None
+    if tokens is not None and authorization and authorization[:7].lower() == "bearer ":
+        bearer = authorization[7:].strip()
+        if looks_like_token(bearer):
+            try:
+                claims = tokens.verify(bearer, now=now or datetime.now(UTC))
+            except TokenError as exc:
+                raise _token_refused(exc) from None
+            if not api_keys.has(claims.key):
+                raise _token_refused(
+                    TokenError("invalid_token", "the API key that minted this token is gone")
+                )
+            return Caller(
+                claims.key,
+                subject=claims.subject,
+                scopes=claims.scopes,
+                token_id=claims.token_id,
+                cap=claims.cap,
+                token_expires_at=claims.expires_at,
+            )
     owner = api_keys.identify(authorization)
     if owner is None:
         raise unauthorized()
@@ -185,6 +238,8 @@ class RequestGuard:
                 authorization,
                 signed=signed,
                 signer=ctx.url_signer if signed is not None else None,
+                tokens=ctx.client_tokens,
+                now=ctx.clock(),
             )
         except AppError as exc:
             await _response(exc, close=unread_large)(scope, receive, send)

@@ -42,12 +42,19 @@ class _ContextFilter(logging.Filter):
 
 _WEBHOOK_TOKEN = re.compile(r"(/webhooks/hiapi/[^/\s]+/)[^\s\"?]+")
 _URL_SIGNATURE = re.compile(r"([?&]sig=)[^&\s\"'#]+")
+# A client token (a JWT: three base64url parts, the first a JSON object), wherever it appears:
+# a header echoed into a message, a URL's query.
+_CLIENT_TOKEN = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
 
 
 def redact(text: str) -> str:
     """Webhook URLs carry a credential in their last segment, signed URLs in their ``sig``
-    parameter (access log lines print the query); never let either reach a log."""
-    return _URL_SIGNATURE.sub(r"\1***", _WEBHOOK_TOKEN.sub(r"\1***", text))
+    parameter (access log lines print the query), client tokens are credentials whole, as is
+    whatever follows ``Bearer``: never let one reach a log."""
+    text = _URL_SIGNATURE.sub(r"\1***", _WEBHOOK_TOKEN.sub(r"\1***", text))
+    text = _CLIENT_TOKEN.sub("***", text)
+    return _BEARER.sub(r"\1***", text)
 
 
 class _RedactFilter(logging.Filter):

@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 
 from app import __version__
-from app.api import health, images, playground, videos, webhooks
+from app.api import client_tokens, health, images, playground, videos, webhooks
 from app.config import Settings
 from app.context import open_context
 from app.db import create_engine, create_sessionmaker, utc_now
@@ -45,6 +45,9 @@ Submit with `POST /v1/videos`, then read `GET /v1/videos/{id}` until `status` is
 When the service has API keys configured (`API_KEYS`), every `/v1` request sends
 `Authorization: Bearer <API key>` (*Authorize* in `/docs`); without it, or with an unknown key,
 the answer is `401` `unauthorized`. Without API keys the API is open and the header is ignored.
+A frontend sends a client token instead, minted by its backend with `POST /v1/client-tokens`
+(`Authorization: Bearer <client token>`; `401` `token_expired` or `invalid_token`, `403`
+`insufficient_scope`).
 """
 
 
@@ -147,6 +150,7 @@ def create_app(
     app.include_router(videos.router)
     app.include_router(images.router)
     app.include_router(images.public_router)
+    app.include_router(client_tokens.router)
     app.include_router(health.router)
     app.include_router(playground.router)
     app.mount("/static", playground.static_files(), name="static")

@@ -32,6 +32,8 @@ __all__ = [
     "Notification",
     "NotifyStatus",
     "Status",
+    "SubjectSpend",
+    "TokenSpend",
     "Via",
     "Video",
 ]
@@ -81,8 +83,12 @@ class Video(Base):
         Index("ix_videos_created_at_id", "created_at", "id"),
         Index("ix_videos_status_created_at_id", "status", "created_at", "id"),
         Index("ix_videos_owner_created_at_id", "owner", "created_at", "id"),
-        # An Idempotency-Key is scoped to the key (owner) that sent it.
-        UniqueConstraint("owner", "idempotency_key", name="videos_owner_idempotency_key_key"),
+        Index("ix_videos_owner_subject_created_at_id", "owner", "subject", "created_at", "id"),
+        # An Idempotency-Key is scoped to the key (owner) and the end user (subject) that sent
+        # it, so one subject can never reach another's video by replaying its key.
+        UniqueConstraint(
+            "owner", "subject", "idempotency_key", name="videos_owner_subject_idempotency_key_key"
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
@@ -93,6 +99,11 @@ class Video(Base):
     duration: Mapped[int] = mapped_column(Integer)
     # The API key name that created the video ('' when the API is open). Other keys get 404.
     owner: Mapped[str] = mapped_column(String(100), default="", server_default="")
+    # The client token's end user that created it ('' when the key itself did). Other
+    # subjects of the same key get 404; the key sees all of them.
+    subject: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    # The client token that created it (its own spend is refunded if hiapi refuses the task).
+    token_id: Mapped[str | None] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
 
     image_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("images.id"))
@@ -137,6 +148,28 @@ class DailySpend(Base):
     video_seconds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
+class SubjectSpend(Base):
+    """Video-seconds submitted per client-token subject of a key per UTC day, for
+    ``DAILY_VIDEO_SECONDS_PER_SUBJECT``."""
+
+    __tablename__ = "subject_spend"
+
+    owner: Mapped[str] = mapped_column(String(100), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(128), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    video_seconds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class TokenSpend(Base):
+    """Video-seconds submitted with one client token (its ``jti``), for its ``cap``."""
+
+    __tablename__ = "token_spend"
+
+    token_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    video_seconds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class Image(Base):
     """A still uploaded through ``POST /v1/images``, served to hiapi at an unguessable URL."""
 
@@ -145,6 +178,7 @@ class Image(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     owner: Mapped[str] = mapped_column(String(100), default="", server_default="")
+    subject: Mapped[str] = mapped_column(String(128), default="", server_default="")
     token: Mapped[str] = mapped_column(String(64), unique=True)
     content_type: Mapped[str] = mapped_column(String(32))
     extension: Mapped[str] = mapped_column(String(8))

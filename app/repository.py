@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Uuid, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.auth import Caller
 from app.db import UTCDateTime
 from app.models import TERMINAL, Notification, Video
 
@@ -97,21 +98,27 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
 
 
-def _mac(key: bytes, owner: str, payload: bytes) -> bytes:
-    owner_bytes = owner.encode("utf-8", "surrogatepass")
-    message = len(owner_bytes).to_bytes(4, "big") + owner_bytes + payload
+def _framed(text: str) -> bytes:
+    data = text.encode("utf-8", "surrogatepass")
+    return len(data).to_bytes(4, "big") + data
+
+
+def _mac(key: bytes, owner: str, payload: bytes, subject: str | None = None) -> bytes:
+    # A client token's cursor also names its subject (framed like the owner; the JSON payload
+    # starts with "[", never with a length's zero byte, so the two shapes cannot collide).
+    message = _framed(owner) + (b"" if subject is None else _framed(subject)) + payload
     return hmac.new(key, message, hashlib.sha256).digest()[:_MAC_BYTES]
 
 
-def seal_cursor(key: bytes, owner: str, payload: bytes) -> str:
-    """Sign ``payload`` (the cursor's JSON) for ``owner``."""
-    return f"{_b64(payload)}.{_b64(_mac(key, owner, payload))}"
+def seal_cursor(key: bytes, owner: str, payload: bytes, subject: str | None = None) -> str:
+    """Sign ``payload`` (the cursor's JSON) for ``owner`` (and a client token's ``subject``)."""
+    return f"{_b64(payload)}.{_b64(_mac(key, owner, payload, subject))}"
 
 
-def encode_cursor(key: bytes, owner: str, video: Video) -> str:
+def encode_cursor(key: bytes, owner: str, video: Video, subject: str | None = None) -> str:
     created = video.created_at.astimezone(UTC).isoformat()
     payload = json.dumps([created, str(video.id)], separators=(",", ":")).encode()
-    return seal_cursor(key, owner, payload)
+    return seal_cursor(key, owner, payload, subject)
 
 
 _REFUSED = (
@@ -121,7 +128,9 @@ _REFUSED = (
 )
 
 
-def decode_cursor(key: bytes, owner: str, cursor: str) -> tuple[datetime, uuid.UUID]:
+def decode_cursor(
+    key: bytes, owner: str, cursor: str, subject: str | None = None
+) -> tuple[datetime, uuid.UUID]:
     """The ``(created_at, id)`` position of a signed cursor; ``BadCursor`` for anything else."""
     if _CURSOR_SHAPE.fullmatch(cursor) is None:
         raise BadCursor(_REFUSED)
@@ -130,7 +139,7 @@ def decode_cursor(key: bytes, owner: str, cursor: str) -> tuple[datetime, uuid.U
         payload, given = _unb64(body), _unb64(mac)
     except (binascii.Error, ValueError):
         raise BadCursor(_REFUSED) from None
-    if not hmac.compare_digest(_mac(key, owner, payload), given):
+    if not hmac.compare_digest(_mac(key, owner, payload, subject), given):
         raise BadCursor(_REFUSED)
     # Signed by us, so well-formed unless the key leaked; check anyway, whatever JSON it holds.
     try:
@@ -148,25 +157,32 @@ def decode_cursor(key: bytes, owner: str, cursor: str) -> tuple[datetime, uuid.U
 async def list_videos(
     session: AsyncSession,
     *,
-    owner: str,
+    caller: Caller,
+    subject: str | None = None,
     status: str | None,
     limit: int,
     cursor: str | None,
     secret: bytes,
 ) -> tuple[list[Video], str | None]:
-    """Newest first; keyset pagination on ``(created_at, id)`` so pages stay stable and cheap.
-    ``secret`` is the webhook secret the cursor key is derived from."""
+    """The caller's videos, newest first: an API key's all (or one ``subject``'s), a client
+    token's own subject's only. Keyset pagination on ``(created_at, id)`` so pages stay stable
+    and cheap. ``secret`` is the webhook secret the cursor key is derived from."""
     key = cursor_key(secret)
+    owner, own_subject = caller.owner, caller.subject
     stmt = (
         select(Video)
         .where(Video.owner == owner)
         .order_by(Video.created_at.desc(), Video.id.desc())
         .limit(limit + 1)
     )
+    if own_subject is not None:
+        stmt = stmt.where(Video.subject == own_subject)
+    if subject is not None:
+        stmt = stmt.where(Video.subject == subject)
     if status is not None:
         stmt = stmt.where(Video.status == status)
     if cursor is not None:
-        created, vid = decode_cursor(key, owner, cursor)
+        created, vid = decode_cursor(key, owner, cursor, own_subject)
         # Typed binds: a bare datetime would be sent as timestamptz and shifted by the
         # server's time zone when compared with our naive-UTC column.
         bound = tuple_(literal(created, UTCDateTime()), literal(vid, Uuid()))
@@ -174,7 +190,7 @@ async def list_videos(
     rows = list((await session.execute(stmt)).scalars().all())
     more = len(rows) > limit
     rows = rows[:limit]
-    return rows, (encode_cursor(key, owner, rows[-1]) if more and rows else None)
+    return rows, (encode_cursor(key, owner, rows[-1], own_subject) if more and rows else None)
 
 
 async def notifications_for(

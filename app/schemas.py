@@ -189,6 +189,7 @@ VIDEO_EXAMPLE: dict[str, JsonValue] = {
     "prompt": "slow zoom out",
     "resolution": "1080p",
     "duration": 5,
+    "subject": None,
     "task_id": "tk-hiapi-01KW3D",
     "error": None,
     "size_bytes": 45091,
@@ -212,6 +213,9 @@ class VideoOut(BaseModel):
     prompt: str | None
     resolution: str
     duration: int
+    subject: str | None = Field(
+        description="The end user whose client token created it; null when the key did."
+    )
     task_id: str | None
     error: VideoError | None
     size_bytes: int | None
@@ -262,6 +266,7 @@ class VideoOut(BaseModel):
             prompt=video.prompt,
             resolution=video.resolution,
             duration=video.duration,
+            subject=video.subject or None,
             task_id=video.task_id,
             error=error,
             size_bytes=video.size_bytes,
@@ -272,6 +277,52 @@ class VideoOut(BaseModel):
             created_at=video.created_at,
             updated_at=video.updated_at,
         )
+
+
+Scope = Literal["videos:create", "videos:read", "images:create"]
+ALL_SCOPES: tuple[Scope, ...] = ("videos:create", "videos:read", "images:create")
+
+
+class ClientTokenCreate(BaseModel):
+    """A client token for one end user, minted by the customer's backend with its API key."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"subject": "user-42", "ttl_seconds": 900, "max_video_seconds": 30}]
+        },
+    )
+    subject: str = Field(
+        min_length=1, max_length=128, description="The end user's id in your system."
+    )
+    ttl_seconds: int = Field(default=900, ge=60, le=86400, description="Lifetime of the token.")
+    scopes: list[Scope] = Field(
+        default_factory=lambda: list(ALL_SCOPES),
+        min_length=1,
+        description="What the token may do (default: all three).",
+    )
+    max_video_seconds: int | None = Field(
+        default=None, ge=1, description="Video-seconds this token may submit in all."
+    )
+
+
+class ClientTokenOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "token": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJ2aWRlb3JlbGF5Ii…",
+                    "expires_at": "2026-11-28T17:00:00Z",
+                    "subject": "user-42",
+                    "scopes": ["videos:create", "videos:read", "images:create"],
+                }
+            ]
+        }
+    )
+    token: str = Field(description="Send as `Authorization: Bearer <token>`.")
+    expires_at: datetime
+    subject: str
+    scopes: list[Scope]
 
 
 class ImageOut(BaseModel):

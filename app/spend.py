@@ -1,39 +1,84 @@
-"""The daily spend quota: video-seconds submitted per API key per UTC day
-(``DAILY_VIDEO_SECONDS_LIMIT``), reserved before a create and refunded when hiapi refuses it."""
+"""Spend quotas, reserved in the submit transaction and refunded when hiapi refuses a task:
+
+- video-seconds per API key per UTC day (``DAILY_VIDEO_SECONDS_LIMIT``);
+- video-seconds per client-token subject of a key per UTC day
+  (``DAILY_VIDEO_SECONDS_PER_SUBJECT``);
+- video-seconds per client token over its life (its ``max_video_seconds``, the ``cap`` claim).
+
+Each reservation is one conditional upsert, so concurrent submits cannot overshoot: on
+Postgres the conflicting row is locked and the ``WHERE`` re-checked after the other
+transaction commits; SQLite runs one writer at a time. A refused reservation returns None
+and the caller rolls the whole transaction back, the reservations already made included.
+Every submit takes its rows in the same order (key, subject, token), so two cannot deadlock.
+"""
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
+from typing import Any
 
 from sqlalchemy import case, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import dialect_insert
-from app.models import DailySpend
+from app.models import DailySpend, SubjectSpend, TokenSpend
 
-__all__ = ["refund_spend", "reserve_spend", "spent"]
+__all__ = [
+    "refund_spend",
+    "reserve_spend",
+    "reserve_subject_spend",
+    "reserve_token_spend",
+    "spent",
+    "subject_spent",
+    "token_spent",
+]
+
+_Table = type[DailySpend] | type[SubjectSpend] | type[TokenSpend]
+
+
+async def _reserve(
+    session: AsyncSession, table: _Table, keys: dict[str, Any], *, seconds: int, limit: int
+) -> int | None:
+    if seconds > limit:
+        return None
+    column = table.video_seconds
+    stmt = (
+        dialect_insert(session)(table)
+        .values(**keys, video_seconds=seconds)
+        .on_conflict_do_update(
+            index_elements=[k for k in keys if k != "expires_at"],
+            set_={"video_seconds": column + seconds},
+            where=column + seconds <= limit,
+        )
+        .returning(column)
+    )
+    total: int | None = (await session.execute(stmt)).scalar_one_or_none()
+    return total
 
 
 async def reserve_spend(
     session: AsyncSession, *, owner: str, day: date, seconds: int, limit: int
 ) -> int | None:
     """Add ``seconds`` to the owner's total for ``day`` if it stays within ``limit``.
+    Returns the new total, or None when the limit would be exceeded."""
+    keys = {"owner": owner, "day": day}
+    return await _reserve(session, DailySpend, keys, seconds=seconds, limit=limit)
 
-    One statement, so concurrent submits cannot overshoot: on Postgres the conflicting row is
-    locked and the ``WHERE`` re-checked after the other transaction commits; SQLite runs one
-    writer at a time. Returns the new total, or None when the limit would be exceeded.
-    """
-    if seconds > limit:
-        return None
-    insert = dialect_insert(session)
-    stmt = insert(DailySpend).values(owner=owner, day=day, video_seconds=seconds)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["owner", "day"],
-        set_={"video_seconds": DailySpend.video_seconds + seconds},
-        where=DailySpend.video_seconds + seconds <= limit,
-    ).returning(DailySpend.video_seconds)
-    total: int | None = (await session.execute(stmt)).scalar_one_or_none()
-    return total
+
+async def reserve_subject_spend(
+    session: AsyncSession, *, owner: str, subject: str, day: date, seconds: int, limit: int
+) -> int | None:
+    """As ``reserve_spend``, for one subject of the owner's client tokens."""
+    keys = {"owner": owner, "subject": subject, "day": day}
+    return await _reserve(session, SubjectSpend, keys, seconds=seconds, limit=limit)
+
+
+async def reserve_token_spend(
+    session: AsyncSession, *, token_id: str, expires_at: datetime, seconds: int, cap: int
+) -> int | None:
+    """As ``reserve_spend``, for one client token over its whole life."""
+    keys = {"token_id": token_id, "expires_at": expires_at}
+    return await _reserve(session, TokenSpend, keys, seconds=seconds, limit=cap)
 
 
 async def spent(session: AsyncSession, *, owner: str, day: date) -> int:
@@ -41,15 +86,49 @@ async def spent(session: AsyncSession, *, owner: str, day: date) -> int:
     return row.video_seconds if row is not None else 0
 
 
-async def refund_spend(session: AsyncSession, *, owner: str, day: date, seconds: int) -> None:
-    """Give back the seconds of a video hiapi refused (it was never billed)."""
+async def subject_spent(session: AsyncSession, *, owner: str, subject: str, day: date) -> int:
+    row = await session.get(SubjectSpend, (owner, subject, day))
+    return row.video_seconds if row is not None else 0
+
+
+async def token_spent(session: AsyncSession, *, token_id: str) -> int:
+    row = await session.get(TokenSpend, token_id)
+    return row.video_seconds if row is not None else 0
+
+
+def _minus(column: Any, seconds: int) -> Any:
+    return case((column > seconds, column - seconds), else_=0)
+
+
+async def refund_spend(
+    session: AsyncSession,
+    *,
+    owner: str,
+    day: date,
+    seconds: int,
+    subject: str = "",
+    token_id: str | None = None,
+) -> None:
+    """Give back the seconds of a video hiapi refused (it was never billed), to each quota
+    it was charged to."""
     await session.execute(
         update(DailySpend)
         .where(DailySpend.owner == owner, DailySpend.day == day)
-        .values(
-            video_seconds=case(
-                (DailySpend.video_seconds > seconds, DailySpend.video_seconds - seconds),
-                else_=0,
-            )
-        )
+        .values(video_seconds=_minus(DailySpend.video_seconds, seconds))
     )
+    if subject:
+        await session.execute(
+            update(SubjectSpend)
+            .where(
+                SubjectSpend.owner == owner,
+                SubjectSpend.subject == subject,
+                SubjectSpend.day == day,
+            )
+            .values(video_seconds=_minus(SubjectSpend.video_seconds, seconds))
+        )
+    if token_id is not None:
+        await session.execute(
+            update(TokenSpend)
+            .where(TokenSpend.token_id == token_id)
+            .values(video_seconds=_minus(TokenSpend.video_seconds, seconds))
+        )

@@ -6,7 +6,8 @@
    uploaded image of the caller's; a ``notify_url`` under ``NOTIFY_ALLOW_LOCAL``, and a
    ``NOTIFY_SECRET`` to sign with). What holds on every server is ``VideoCreate``'s own rule;
 2. stores the video (``lifecycle.create_video``; an ``Idempotency-Key`` seen before replays or
-   conflicts instead) and, in the same transaction, charges its seconds to the caller's day;
+   conflicts instead) and, in the same transaction, charges its seconds to each quota that
+   applies (the key's day, a client token's subject's day and the token's own cap);
 3. sends the first attempt to hiapi (``Submitter``) once that transaction has committed.
 
 A refused request raises (``Invalid``, ``OverLimit``) and leaves nothing behind: the
@@ -17,18 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import images, lifecycle, spend
+from app.auth import Caller
 from app.hiapi.errors import HiapiRejected
 from app.jobs.submitter import Submitter
 from app.metrics import METRICS
 from app.models import Video
 from app.schemas import VideoCreate, notify_url_problem
 
-__all__ = ["Invalid", "OverLimit", "Submission", "Submitted"]
+__all__ = ["Invalid", "OverLimit", "Quota", "Submission", "Submitted"]
 
 NO_NOTIFY_SECRET = (
     "this server has no NOTIFY_SECRET, so it cannot sign notifications; "
@@ -45,15 +48,24 @@ class Invalid(Exception):
         self.message = message
 
 
-class OverLimit(Exception):
-    """The video would take the caller past ``DAILY_VIDEO_SECONDS_LIMIT`` for ``day``."""
+class Quota(StrEnum):
+    key = "key"  # DAILY_VIDEO_SECONDS_LIMIT: the API key's day
+    subject = "subject"  # DAILY_VIDEO_SECONDS_PER_SUBJECT: the token's subject's day
+    token = "token"  # the token's max_video_seconds, over its life
 
-    def __init__(self, *, now: datetime, used: int, limit: int, asked: int) -> None:
-        super().__init__(f"daily limit reached: {used} of {limit} used, {asked} asked")
+
+class OverLimit(Exception):
+    """The video would take the caller past one of its quotas (``quota``)."""
+
+    def __init__(
+        self, *, now: datetime, used: int, limit: int, asked: int, quota: Quota = Quota.key
+    ) -> None:
+        super().__init__(f"{quota} limit reached: {used} of {limit} used, {asked} asked")
         self.now = now
         self.used = used
         self.limit = limit
         self.asked = asked
+        self.quota = quota
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +83,7 @@ class Submission:
         clock: Callable[[], datetime],
         public_base: str,
         daily_limit: int,
+        subject_daily_limit: int = 0,
         notify_allow_local: bool,
         notify_signing: bool,
     ) -> None:
@@ -78,6 +91,7 @@ class Submission:
         self._clock = clock
         self._public_base = public_base
         self._daily_limit = daily_limit  # video-seconds per owner and UTC day; 0: no limit
+        self._subject_daily_limit = subject_daily_limit  # per token subject and UTC day
         self._notify_allow_local = notify_allow_local
         self._notify_signing = notify_signing
 
@@ -86,22 +100,24 @@ class Submission:
         session: AsyncSession,
         body: VideoCreate,
         *,
-        owner: str,
+        caller: Caller,
         idempotency_key: str | None,
     ) -> Submitted:
         now = self._clock()
         async with session.begin():
-            params = await self._resolve(session, body, owner=owner)
+            params = await self._resolve(session, body, caller=caller)
             video, created = await lifecycle.create_video(
                 session,
                 params=params,
-                owner=owner,
+                owner=caller.owner,
+                subject=caller.stored_subject,
+                token_id=caller.token_id,
                 idempotency_key=idempotency_key,
                 now=now,
                 submit_hold=self._submitter.policy.in_flight_hold,
             )
-            if created == lifecycle.Created.created and self._daily_limit:
-                await self._charge(session, owner=owner, day=now.date(), now=now, body=body)
+            if created == lifecycle.Created.created:
+                await self._charge(session, caller=caller, now=now, seconds=body.duration)
         if created != lifecycle.Created.created:
             METRICS.submits.labels(created.value).inc()
             return Submitted(created, video)
@@ -109,25 +125,60 @@ class Submission:
         return Submitted(created, result.video or video, rejected=result.rejected)
 
     async def _charge(
-        self, session: AsyncSession, *, owner: str, day: date, now: datetime, body: VideoCreate
+        self, session: AsyncSession, *, caller: Caller, now: datetime, seconds: int
     ) -> None:
-        limit = self._daily_limit
-        total = await spend.reserve_spend(
-            session, owner=owner, day=day, seconds=body.duration, limit=limit
-        )
-        if total is None:
-            used = await spend.spent(session, owner=owner, day=day)
+        """Reserve the video's seconds on each quota that applies. A refusal is raised inside
+        the transaction: the video row and every reservation roll back, nothing is sent."""
+        day = now.date()
+        owner = caller.owner
+
+        def over(quota: Quota, used: int, limit: int) -> OverLimit:
             METRICS.submits.labels("over_limit").inc()
-            # Raised inside the transaction: the video row is rolled back, nothing is sent.
-            raise OverLimit(now=now, used=used, limit=limit, asked=body.duration)
+            return OverLimit(now=now, used=used, limit=limit, asked=seconds, quota=quota)
+
+        if self._daily_limit:
+            limit = self._daily_limit
+            if (
+                await spend.reserve_spend(
+                    session, owner=owner, day=day, seconds=seconds, limit=limit
+                )
+                is None
+            ):
+                used = await spend.spent(session, owner=owner, day=day)
+                raise over(Quota.key, used, limit)
+        if caller.subject is not None and self._subject_daily_limit:
+            limit, subject = self._subject_daily_limit, caller.subject
+            if (
+                await spend.reserve_subject_spend(
+                    session, owner=owner, subject=subject, day=day, seconds=seconds, limit=limit
+                )
+                is None
+            ):
+                used = await spend.subject_spent(session, owner=owner, subject=subject, day=day)
+                raise over(Quota.subject, used, limit)
+        if caller.token_id is not None and caller.cap is not None:
+            assert caller.token_expires_at is not None  # a token's caller carries its expiry
+            token_id = caller.token_id
+            if (
+                await spend.reserve_token_spend(
+                    session,
+                    token_id=token_id,
+                    expires_at=caller.token_expires_at,
+                    seconds=seconds,
+                    cap=caller.cap,
+                )
+                is None
+            ):
+                used = await spend.token_spent(session, token_id=token_id)
+                raise over(Quota.token, used, caller.cap)
 
     async def _resolve(
-        self, session: AsyncSession, body: VideoCreate, *, owner: str
+        self, session: AsyncSession, body: VideoCreate, *, caller: Caller
     ) -> lifecycle.NewVideo:
         """What is stored: an uploaded image becomes its public URL."""
         image_url = body.image_url
         if body.image_id is not None:
-            image = await images.get_owned(session, body.image_id, owner=owner)
+            image = await images.get_owned(session, body.image_id, caller=caller)
             if image is None:
                 raise Invalid("image_id", f"no uploaded image with id {body.image_id}")
             image_url = images.public_url(self._public_base, image)

@@ -145,7 +145,9 @@ async def database_url(
     dsn = url.replace("postgresql+asyncpg://", "postgresql://")
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("TRUNCATE videos, daily_spend, images, notifications")
+        await conn.execute(
+            "TRUNCATE videos, daily_spend, subject_spend, token_spend, images, notifications"
+        )
     finally:
         await conn.close()
     yield url
@@ -308,6 +310,7 @@ class ServiceFactory:
         clock: Callable[[], datetime] | None = None,
         **overrides: Any,
     ) -> Service:
+        """A service on a real port; ``clock`` replaces its clock (time you control)."""
         sock = free_socket()
         public = f"http://127.0.0.1:{sock.getsockname()[1]}"
         settings = make_settings(self.database_url, self.storage, self.sim.url, public, **overrides)

@@ -40,7 +40,14 @@ class ThreadedServer:
             )
         )
         app_settings = make_settings(
-            database_url, storage, f"{self.url}/simulator", self.url, API_KEYS=f"fuzz:{API_KEY}"
+            database_url,
+            storage,
+            f"{self.url}/simulator",
+            self.url,
+            API_KEYS=f"fuzz:{API_KEY}",
+            # Client tokens on, so the fuzz reaches the minting itself (without a secret the
+            # route answers 501 to every body).
+            CLIENT_TOKEN_SECRET="fuzz-client-token-secret-0123456789abcdef",
         )
         self.server = uvicorn.Server(
             uvicorn.Config(create_app(app_settings, simulator=sim), log_level="warning")

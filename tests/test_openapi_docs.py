@@ -35,6 +35,7 @@ OPERATION_IDS = {
     ("get", "/v1/videos/{video_id}/content"): "getVideoContent",
     ("get", "/v1/videos/{video_id}/events"): "streamVideoEvents",
     ("post", "/v1/images"): "uploadImage",
+    ("post", "/v1/client-tokens"): "createClientToken",
     ("get", "/i/{name}"): "publicImage",
     ("post", "/webhooks/hiapi/{video_id}/{token}"): "hiapiCallback",
     ("get", "/healthz"): "healthz",
@@ -128,10 +129,10 @@ class TestCallerCheck:
                 {"type": "http", "method": "GET", "path": "/v1/videos", "headers": headers}
             )
 
-        assert await get_caller(service.ctx.api_keys, bare(f"Bearer {KEY}"), None) == Caller("docs")
+        assert await get_caller(service.ctx, bare(f"Bearer {KEY}"), None) == Caller("docs")
         for authorization in (None, "Bearer nope", f"Basic {KEY}"):
             with pytest.raises(AppError) as refused:
-                await get_caller(service.ctx.api_keys, bare(authorization), None)
+                await get_caller(service.ctx, bare(authorization), None)
             assert (refused.value.status_code, refused.value.code) == (401, "unauthorized")
 
 

@@ -170,15 +170,16 @@ ApiKeysDep = Annotated[ApiKeys, Depends(get_api_keys)]
 bearer = HTTPBearer(
     scheme_name="bearerAuth",
     description=(
-        "`Authorization: Bearer <API key>`; required when the service has API keys "
-        "configured (`API_KEYS`), ignored when it has none."
+        "`Authorization: Bearer <API key or client token>`; required when the service has "
+        "API keys configured (`API_KEYS`), ignored when it has none (a client token is "
+        "still honoured then)."
     ),
     auto_error=False,
 )
 
 
 async def get_caller(
-    api_keys: ApiKeysDep,
+    ctx: _ContextDep,
     request: Request,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> Caller:
@@ -191,7 +192,12 @@ async def get_caller(
     checked: Caller | None = getattr(request.state, CALLER_STATE, None)
     if checked is not None:
         return checked
-    return authenticate(api_keys, request.headers.get("authorization"))
+    return authenticate(
+        ctx.api_keys,
+        request.headers.get("authorization"),
+        tokens=ctx.client_tokens,
+        now=ctx.clock(),
+    )
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse
 from app import images
 from app.api.deps import CallerDep, ClockDep, ImagesRootDep, SessionDep, SettingsDep
 from app.errors import AppError, NotFound
-from app.limits import image_too_large
+from app.limits import image_too_large, require_scope
 from app.schemas import ErrorOut, ImageOut
 
 __all__ = ["public_router", "router"]
@@ -39,6 +39,10 @@ public_router = APIRouter(tags=["images"])
                 "checked before the body is read; only when the service has API keys configured."
             ),
         },
+        403: {
+            "model": ErrorOut,
+            "description": "A client token without `images:create` (`insufficient_scope`).",
+        },
         413: {
             "model": ErrorOut,
             "description": "Image larger than IMAGE_MAX_BYTES. The body is capped while it "
@@ -63,6 +67,7 @@ async def upload_image(
     session: SessionDep,
     caller: CallerDep,
 ) -> ImageOut:
+    require_scope(caller, "images:create")
     # app.limits.RequestGuard capped the stream at IMAGE_MAX_BYTES plus the multipart framing,
     # so no more than that was ever spooled; the file itself is held to the exact limit here.
     limit = settings.IMAGE_MAX_BYTES
@@ -78,7 +83,14 @@ async def upload_image(
     token, key = await images.store(images_root, info, data)
     async with session.begin():
         image = await images.create(
-            session, owner=caller.owner, info=info, data=data, token=token, key=key, now=clock()
+            session,
+            owner=caller.owner,
+            subject=caller.stored_subject,
+            info=info,
+            data=data,
+            token=token,
+            key=key,
+            now=clock(),
         )
     return ImageOut(
         id=image.id,

@@ -30,10 +30,11 @@ from app.api.deps import (
 from app.api.responses import ClipResponse, EventStreamResponse
 from app.auth import Caller
 from app.errors import AppError, Conflict, NotFound, UpstreamRejected
+from app.limits import require_scope
 from app.models import TERMINAL, Notification, Status, Video
 from app.schemas import FIELD_RULE, ErrorOut, VideoCreate, VideoOut, VideoPage
 from app.signing import VideoUrls
-from app.submission import Invalid, OverLimit
+from app.submission import Invalid, OverLimit, Quota
 
 __all__ = ["router", "to_out"]
 
@@ -44,8 +45,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorOut,
         "description": (
             "No `Authorization: Bearer <API key>`, or an unknown key (`unauthorized`); only "
-            "when the service has API keys configured."
+            "when the service has API keys configured. A client token that has expired "
+            "(`token_expired`) or does not verify (`invalid_token`)."
         ),
+    },
+    403: {
+        "model": ErrorOut,
+        "description": "A client token without the scope this needs (`insufficient_scope`).",
     },
     404: {"model": ErrorOut, "description": "No such video (or it belongs to another key)."},
 }
@@ -82,6 +88,7 @@ def to_out(urls: VideoUrls, video: Video, notification: Notification | None = No
             "description": "Replay of an earlier request with the same Idempotency-Key.",
         },
         401: ERRORS[401],
+        403: ERRORS[403],
         409: {
             "model": ErrorOut,
             "description": "Idempotency-Key reused with different parameters.",
@@ -93,7 +100,11 @@ def to_out(urls: VideoUrls, video: Video, notification: Notification | None = No
         422: {"model": ErrorOut, "description": "Invalid request; `error.field` names the field."},
         429: {
             "model": ErrorOut,
-            "description": "Daily video-seconds limit of this key reached; see `resets_at`.",
+            "description": (
+                "Daily video-seconds limit of this key (`daily_limit_exceeded`) or of this "
+                "end user (`subject_daily_limit_exceeded`) reached, see `resets_at`; or the "
+                "client token's `max_video_seconds` (`token_limit_exceeded`)."
+            ),
         },
         502: {"model": ErrorOut, "description": "hiapi rejected the task; the video is `failed`."},
     },
@@ -114,9 +125,10 @@ async def create_video(
         ),
     ] = None,
 ) -> VideoOut:
+    require_scope(caller, "videos:create")
     try:
         result = await submission.submit(
-            session, body, owner=caller.owner, idempotency_key=idempotency_key
+            session, body, caller=caller, idempotency_key=idempotency_key
         )
     except Invalid as exc:
         raise RequestValidationError(
@@ -149,7 +161,11 @@ async def create_video(
     response_model=VideoPage,
     summary="List videos, newest first",
     description="Only the calling key's videos. Keyset pagination: pass `next_cursor` back.",
-    responses={401: ERRORS[401], 422: {"model": ErrorOut, "description": "Bad parameter."}},
+    responses={
+        401: ERRORS[401],
+        403: ERRORS[403],
+        422: {"model": ErrorOut, "description": "Bad parameter."},
+    },
 )
 async def list_videos(
     urls: VideoUrlsDep,
@@ -159,6 +175,17 @@ async def list_videos(
     status_: Annotated[
         Status | None,
         Query(alias="status", description="Only videos in this status."),
+    ] = None,
+    subject: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=128,
+            description=(
+                "Only the videos of this end user (the `subject` of the client tokens that "
+                "created them). A client token only ever lists its own subject's."
+            ),
+        ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[
@@ -172,10 +199,12 @@ async def list_videos(
         ),
     ] = None,
 ) -> VideoPage:
+    require_scope(caller, "videos:read")
     try:
         rows, next_cursor = await repository.list_videos(
             session,
-            owner=caller.owner,
+            caller=caller,
+            subject=subject,
             status=status_,
             limit=limit,
             cursor=cursor,
@@ -193,12 +222,27 @@ async def list_videos(
 
 def _over_limit(refused: OverLimit) -> AppError:
     now = refused.now
+    if refused.quota == Quota.token:
+        # A token's cap is over its whole life: nothing resets it; a new token has its own.
+        return AppError(
+            f"this client token's limit is reached: {refused.used} of {refused.limit} "
+            f"video-seconds used (max_video_seconds), this video needs {refused.asked}; "
+            "ask your backend for a new token",
+            code="token_limit_exceeded",
+            status_code=429,
+        )
     resets = datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=UTC)
+    per_subject = refused.quota == Quota.subject
+    what = (
+        "this end user's daily limit (DAILY_VIDEO_SECONDS_PER_SUBJECT)"
+        if per_subject
+        else "daily limit"
+    )
     return AppError(
-        f"daily limit reached: {refused.used} of {refused.limit} video-seconds used today, "
-        f"this video needs {refused.asked}; the limit resets at "
+        f"{what} reached: {refused.used} of {refused.limit} video-seconds used today, this "
+        f"video needs {refused.asked}; the limit resets at "
         f"{resets.isoformat().replace('+00:00', 'Z')}",
-        code="daily_limit_exceeded",
+        code="subject_daily_limit_exceeded" if per_subject else "daily_limit_exceeded",
         status_code=429,
         extra={"resets_at": resets},
         headers={"Retry-After": str(max(1, int((resets - now).total_seconds())))},
@@ -206,8 +250,9 @@ def _over_limit(refused: OverLimit) -> AppError:
 
 
 async def _video_or_404(session: SessionDep, video_id: uuid.UUID, caller: Caller) -> Video:
+    require_scope(caller, "videos:read")
     video = await repository.get(session, video_id)
-    if video is None or not caller.may_read(video.owner, video.id):
+    if video is None or not caller.may_read(video.owner, video.id, video.subject):
         raise NotFound(f"no video with id {video_id}")
     return video
 
@@ -358,7 +403,8 @@ async def video_events(
     request: Request,
     last_event_id: Annotated[str | None, Header(description="Resume after this event.")] = None,
 ) -> StreamingResponse:
-    owner = (await _video_or_404(session, video_id, caller)).owner
+    video = await _video_or_404(session, video_id, caller)
+    owner, subject = video.owner, video.subject
     await session.close()  # the stream opens short sessions of its own
 
     async def stream() -> AsyncGenerator[str, None]:
@@ -398,12 +444,18 @@ async def video_events(
 
     # On an open API every caller is the same owner (""): count streams per client address
     # instead, so that anonymous viewers do not share one process-wide allowance. A signed
-    # URL's streams count against the key that owns the video.
+    # URL's streams count against the key that owns the video, and the streams of a client
+    # token's end user's video against that end user's own allowance (a key's name holds no
+    # white space).
     client = request.client.host if request.client else ""
+    if api_keys.open and caller.subject is None:
+        slot = f"client:{client}"
+    else:
+        slot = f"{owner} {subject}" if subject else owner
     return EventStreamResponse(
         stream(),
         slots=streams,
-        caller=owner if not api_keys.open else f"client:{client}",
+        caller=slot,
         limit=settings.EVENTS_MAX_STREAMS,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
