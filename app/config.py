@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     DOWNLOAD_MAX_RETRY_SECONDS: float = Field(
         default=86400.0,
         gt=0,
-        description="A clip is retried until min(expireAt, task finished + this), then expired.",
+        description="A clip is retried until min(expires_at, task finished + this), then expired.",
     )
     RECONCILE_AFTER_SECONDS: float = Field(default=600.0, ge=0)
     RECONCILE_INTERVAL_SECONDS: float = Field(default=30.0, gt=0)

@@ -9,7 +9,7 @@ State machine::
 
     queued ──create ok──▶ processing ──task success──▶ downloading ──stored──▶ ready
       │  ╲                    │                          │
-      │   ╲──task success (callback before taskId stored)─┘
+      │   ╲──task success (callback before task_id stored)─┘
       ├──create rejected──▶ failed ◀──task fail──────────┤◀── expired / bad file
       └──create 5xx/timeout: stays queued, due_at = next try
 
@@ -448,7 +448,7 @@ async def apply_reports(
             report = reports[i]
             if report.video_id not in current:
                 outcomes[i] = ApplyOutcome.unknown_video
-            elif current[report.video_id] in (None, report.task.taskId):
+            elif current[report.video_id] in (None, report.task.task_id):
                 outcomes[i] = ApplyOutcome.duplicate
             else:
                 later.append(i)  # another task's report: stale, foreign, or a clip to rescue
@@ -468,15 +468,15 @@ def _plan(report: TaskReport) -> _Plan:
         return None
     if task.status == TaskStatus.success and task.output:
         out = task.output[0]
-        expires = datetime.fromtimestamp(out.expireAt, UTC) if out.expireAt else None
-        return _CLAIM, [report.video_id, task.taskId, out.url, expires, report.owner]
+        expires = datetime.fromtimestamp(out.expires_at, UTC) if out.expires_at else None
+        return _CLAIM, [report.video_id, task.task_id, out.url, expires, report.owner]
     if task.status == TaskStatus.success:
         code, message = "no_output", "hiapi reported success without an output URL"
     elif task.error is not None:
         code, message = task.error.code, task.error.message
     else:
         code, message = "unknown", "hiapi reported the task as failed"
-    return _FAIL, [report.video_id, task.taskId, code, message]
+    return _FAIL, [report.video_id, task.task_id, code, message]
 
 
 async def _write(
@@ -521,7 +521,7 @@ async def _apply_alone(
     lease: timedelta,
 ) -> ApplyOutcome:
     """One report on its own, after the batch's bulk statements."""
-    params = {"p_video": report.video_id, "p_task": report.task.taskId, "p_now": now}
+    params = {"p_video": report.video_id, "p_task": report.task.task_id, "p_now": now}
     if plan is None:  # still running: record the task if the video has none yet
         if (await session.execute(_ADOPT, params)).first() is not None:
             return ApplyOutcome.adopted

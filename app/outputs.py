@@ -9,9 +9,9 @@ not on ``DOWNLOAD_ALLOWED_HOSTS`` turns the report into a failed task (``bad_out
 is taken, no lease is held, ``notify_url`` hears ``video.failed``.
 
 An admitted URL is stored in its canonical spelling (``HostAllowlist.check``: lower-case host,
-no trailing dot, IDNA), which is what the downloader fetches. ``expireAt`` is clamped to the
-task's end plus ``DOWNLOAD_MAX_RETRY_SECONDS``: an absurd value (the year 5138) or none at all
-cannot keep a clip retrying; the downloader applies the same bound to rows stored before.
+no trailing dot, IDNA), which is what the downloader fetches. Its ``expires_at`` is clamped to
+the task's end plus ``DOWNLOAD_MAX_RETRY_SECONDS``: an absurd value (the year 5138) or none at
+all cannot keep a clip retrying; the downloader applies the same bound to rows stored before.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class OutputCheck:
     def vet(self, task: Task, *, now: datetime) -> Task:
         """``task`` as it may be applied: a success whose output URL we will not fetch becomes
         a failed task saying why; an admitted one carries the canonical URL and a bounded
-        ``expireAt``. Anything but a success with an output is returned as it is."""
+        ``expires_at``. Anything but a success with an output is returned as it is."""
         if task.status != TaskStatus.success or not task.output:
             return task
         out = task.output[0]
@@ -52,6 +52,6 @@ class OutputCheck:
                 }
             )
         bound = int((now + self.max_retry).timestamp())
-        expire_at = bound if out.expireAt is None else min(out.expireAt, bound)
-        checked = out.model_copy(update={"url": str(url), "expireAt": expire_at})
+        expires_at = bound if out.expires_at is None else min(out.expires_at, bound)
+        checked = out.model_copy(update={"url": str(url), "expires_at": expires_at})
         return task.model_copy(update={"output": [checked, *task.output[1:]]})

@@ -224,7 +224,7 @@ class TestApplyReports:
         assert outcomes == expected
         assert set(outcomes) == set(lifecycle.ApplyOutcome)  # every outcome is exercised
         for (seq_id, seq_task, _), (batch_id, _, _) in zip(one_by_one, batch, strict=True):
-            if seq_task.taskId.endswith("-nobody"):
+            if seq_task.task_id.endswith("-nobody"):
                 continue
             seq, got = await row_state(sm, seq_id), await row_state(sm, batch_id)
             # Same state, same columns; task ids differ only by the run prefix.

@@ -147,7 +147,7 @@ def test_only_the_first_output_is_rewritten():
         "https://a.hiapi.ai/1.mp4",
         "https://B.hiapi.ai./2.mp4",
     ]
-    assert vetted.status == TaskStatus.success and vetted.taskId == "tk-1"
+    assert vetted.status == TaskStatus.success and vetted.task_id == "tk-1"
 
 
 def test_expire_at_is_the_earlier_of_hiapis_and_the_retry_bound():
@@ -161,7 +161,7 @@ def test_expire_at_is_the_earlier_of_hiapis_and_the_retry_bound():
                 "output": [{"url": "https://a.hiapi.ai/x.mp4", "expireAt": given}],
             }
         )
-        assert CHECK.vet(task, now=NOW).output[0].expireAt == expected, given
+        assert CHECK.vet(task, now=NOW).output[0].expires_at == expected, given
 
 
 def test_a_refusal_says_why_and_is_logged_with_its_code(caplog: pytest.LogCaptureFixture):

@@ -196,7 +196,7 @@ class TestVet:
     def test_expire_at_is_bounded(self, expire_at: Any, expected: datetime):
         vetted = self.CHECK.vet(self.task("https://TEMP.hiapi.ai./x.mp4", expire_at), now=self.NOW)
         assert vetted.output[0].url == "https://temp.hiapi.ai/x.mp4"
-        assert vetted.output[0].expireAt == int(expected.timestamp())
+        assert vetted.output[0].expires_at == int(expected.timestamp())
 
 
 # --- the webhook path ----------------------------------------------------------------------

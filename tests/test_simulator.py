@@ -388,7 +388,7 @@ async def test_works_with_videorelays_hiapi_client() -> None:
         task = await client.get_task(task_id)
         assert task.status is TaskStatus.success
         assert task.model == MODEL
-        assert task.output[0].expireAt is not None
+        assert task.output[0].expires_at is not None
 
         with pytest.raises(HiapiRejected) as missing:
             await client.get_task("tk-sim-nope")
@@ -571,7 +571,7 @@ async def test_duplicate_rate_one_sends_two_or_three_callbacks(receiver: Receive
         await sim.callbacks_done(task_id)
     assert 2 <= copies <= 3
     assert len(receiver.bodies) == copies
-    assert {parse_task_payload(body).taskId for body in receiver.bodies} == {task_id}
+    assert {parse_task_payload(body).task_id for body in receiver.bodies} == {task_id}
 
 
 async def test_drop_rate_one_sends_no_callback(receiver: Receiver) -> None:

@@ -163,14 +163,17 @@ class TestParseTaskPayload:
 
     def test_accepts_a_bare_task(self):
         task = parse_task_payload(self.TASK)
-        assert task.taskId == "tk-hiapi-01KW3D"
+        assert task.task_id == "tk-hiapi-01KW3D"
         assert task.status is TaskStatus.success
         assert task.output[0].url == "https://temp.hiapi.ai/a/01KW.mp4"
-        assert task.output[0].expireAt == 1783131245
+        assert task.output[0].expires_at == 1783131245
+
+    def test_writes_a_task_back_in_hiapis_words(self):
+        assert parse_task_payload(self.TASK).wire() == {**self.TASK, "error": None}
 
     def test_accepts_a_wrapped_task(self):
         task = parse_task_payload({"code": 200, "data": self.TASK})
-        assert task.taskId == "tk-hiapi-01KW3D"
+        assert task.task_id == "tk-hiapi-01KW3D"
         assert task.status is TaskStatus.success
 
     def test_reads_a_failed_tasks_error(self):
@@ -620,7 +623,7 @@ class TestHiapiClientRequests:
             transport=httpx.MockTransport(handler), base_url="https://api.hiapi.ai"
         ) as http:
             task = await HiapiClient(http, api_key=API_KEY).get_task("tk-3")
-        assert task.taskId == "tk-3"
+        assert task.task_id == "tk-3"
         assert task.status is TaskStatus.handling
 
     async def test_get_task_with_malformed_task_is_unavailable(self):

@@ -133,7 +133,7 @@ async def hiapi_callback(request: Request) -> Response:
             f"callback body is not a hiapi task: {exc}", code="bad_callback", status_code=400
         ) from None
 
-    with bind(video_id=vid, task_id=task.taskId):
+    with bind(video_id=vid, task_id=task.task_id):
         # Written together with the callbacks arriving alongside; answered after the commit.
         outcome = await ctx.intake.accept(vid, task, via=Via.callback)
         if outcome == lifecycle.ApplyOutcome.unknown_video:

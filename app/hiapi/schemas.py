@@ -3,6 +3,10 @@
 The rules live here once, in hiapi's own words, so that videorelay's API rejects exactly what
 hiapi would reject (before anything is sent or billed) and the simulator answers with the exact
 bodies hiapi sends.
+
+This is the boundary for hiapi's field names: ``taskId`` and ``expireAt`` on the wire are
+``task_id`` and ``expires_at`` on the models, and nowhere else in videorelay. ``Task.wire()``
+writes a task back in hiapi's words (for the bench and tests that play hiapi's part).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ __all__ = [
     "TaskStatus",
     "input_errors",
     "parse_task_payload",
+    "task_object",
 ]
 
 MODEL = "happyhorse-1.1/image-to-video"
@@ -42,13 +47,13 @@ class TaskStatus(StrEnum):
 
 
 class TaskOutput(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     type: str = "video"
     url: str
-    expireAt: int | None = None  # noqa: N815 - hiapi's field name
+    expires_at: int | None = Field(default=None, alias="expireAt")
 
-    @field_validator("expireAt", mode="before")
+    @field_validator("expires_at", mode="before")
     @classmethod
     def _seconds(cls, value: Any) -> Any:
         """Unix seconds; a value in milliseconds is scaled, one out of range is dropped."""
@@ -71,20 +76,30 @@ class TaskError(BaseModel):
 class Task(BaseModel):
     """The task object hiapi returns from ``GET /v1/tasks/{taskId}`` and POSTs to callbacks."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    taskId: str = Field(min_length=1, max_length=200)  # noqa: N815 - hiapi's field name
+    task_id: str = Field(min_length=1, max_length=200, alias="taskId")
     status: TaskStatus
     model: str | None = None
     output: list[TaskOutput] = Field(default_factory=list)
     error: TaskError | None = None
 
+    def wire(self) -> dict[str, Any]:
+        """The task as hiapi writes it (``taskId``, ``expireAt``), ready for ``json.dumps``."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def task_object(payload: Any) -> Mapping[str, Any] | None:
+    """The task object of a body, bare or wrapped as ``{"code", "data"}``; None if not an object."""
+    if isinstance(payload, Mapping) and "data" in payload and "taskId" not in payload:
+        payload = payload["data"]
+    return payload if isinstance(payload, Mapping) else None
+
 
 def parse_task_payload(payload: Any) -> Task:
     """Accept a task bare or wrapped as ``{"code", "data"}``; raise ``ValueError`` otherwise."""
-    if isinstance(payload, Mapping) and "data" in payload and "taskId" not in payload:
-        payload = payload["data"]
-    if not isinstance(payload, Mapping):
+    payload = task_object(payload)
+    if payload is None:
         raise ValueError("expected a JSON object with taskId and status")
     try:
         return Task.model_validate(payload)

@@ -7,11 +7,11 @@ size is capped while streaming, not trusted from Content-Length. The writer then
 and rename; CompleteMultipartUpload), and only then is the video marked ``ready`` (still under
 the lease). Hashing and local disk writes run in worker threads so the event loop keeps acking
 webhooks. Any failure aborts the writer, so nothing half-written remains. Transient failures
-(network, storage) give the lease back with a backoff until the deadline: ``expireAt`` or the
-task's end plus ``DOWNLOAD_MAX_RETRY_SECONDS``, whichever comes first. Any other exception is
-handled the same way (recorded in ``last_error``, logged with the video's ids, counted as a
-failed attempt): no error leaves a lease held with nobody working on it. A stop request
-(shutdown) gives the lease back at once so any replica can resume.
+(network, storage) give the lease back with a backoff until the deadline: the URL's
+``expires_at`` or the task's end plus ``DOWNLOAD_MAX_RETRY_SECONDS``, whichever comes first. Any
+other exception is handled the same way (recorded in ``last_error``, logged with the video's
+ids, counted as a failed attempt): no error leaves a lease held with nobody working on it. A
+stop request (shutdown) gives the lease back at once so any replica can resume.
 """
 
 from __future__ import annotations
@@ -142,8 +142,9 @@ class Downloader:
                     log.error("download.release_failed error=%s", _describe(again))
 
     def deadline(self, expires_at: datetime | None, finished_at: datetime) -> datetime:
-        """When retrying stops: ``expireAt`` or the task's end plus ``DOWNLOAD_MAX_RETRY_SECONDS``,
-        whichever comes first (rows stored before expireAt was clamped get the bound too)."""
+        """When retrying stops: ``expires_at`` or the task's end plus
+        ``DOWNLOAD_MAX_RETRY_SECONDS``, whichever comes first (rows stored before expires_at was
+        clamped get the bound too)."""
         bound = finished_at + self._settings.max_retry
         return bound if expires_at is None else min(expires_at, bound)
 
@@ -359,7 +360,7 @@ class Downloader:
     ) -> tuple[int, str]:
         status = response.status
         if status in (408, 429) or status >= 500 or status in (403, 404, 410):
-            # 403/404/410 before expireAt can be storage lag; the deadline bounds the retries.
+            # 403/404/410 before expires_at can be storage lag; the deadline bounds the retries.
             raise Transient(f"download answered HTTP {status}")
         if status != 200:
             raise Permanent(f"download_http_{status}", f"download answered HTTP {status}")

@@ -3,7 +3,7 @@
 Every ``RECONCILE_INTERVAL_SECONDS`` each replica runs one tick:
 
 1. resubmit ``queued`` videos whose retry time has come;
-2. poll ``GET /v1/tasks/{taskId}`` for ``processing`` videos still waiting
+2. poll ``GET /v1/tasks/{task_id}`` for ``processing`` videos still waiting
    ``RECONCILE_AFTER_SECONDS`` after submit, and hand the answer to ``app.intake`` (the
    webhook's own path). A terminal answer found this way is a *recovered* video: its callback
    never arrived. Operators watch that number;

@@ -34,6 +34,7 @@ import httpx
 from sqlalchemy import select
 
 from app.db import create_engine, utc_now
+from app.hiapi.schemas import Task, TaskOutput, TaskStatus
 from app.models import Video
 from app.security import webhook_token
 from tools.bench.common import (
@@ -61,7 +62,7 @@ TARGET_RSS_GROWTH_MIB = 64
 TARGET_P99_GROWTH = 2.0
 CHILD_TIMEOUT = 600.0
 # The download worker runs at a lower CPU priority, as the README recommends: a clip has until
-# expireAt, an ack has hiapi's timeout.
+# expires_at, an ack has hiapi's timeout.
 WORKER_NICE = 10
 
 
@@ -391,18 +392,17 @@ def _under_load(
             with httpx.Client(base_url=server.url, timeout=30) as client:
                 for r in clips:
                     token = webhook_token(BENCH_SECRET.encode(), r["id"])
-                    body = {
-                        "taskId": r["task_id"],
-                        "status": "success",
-                        "output": [
-                            {
-                                "type": "video",
-                                "url": f"{origin}/load.mp4?v={r['id']}",
-                                "expireAt": int(time.time()) + 3600,
-                            }
+                    task = Task(
+                        task_id=r["task_id"],
+                        status=TaskStatus.success,
+                        output=[
+                            TaskOutput(
+                                url=f"{origin}/load.mp4?v={r['id']}",
+                                expires_at=int(time.time()) + 3600,
+                            )
                         ],
-                    }
-                    answer = client.post(f"/webhooks/hiapi/{r['id']}/{token}", json=body)
+                    )
+                    answer = client.post(f"/webhooks/hiapi/{r['id']}/{token}", json=task.wire())
                     answer.raise_for_status()
             with_downloads = run_loadgen(
                 server, busy_spec, concurrency=concurrency, duration=duration, workdir=work

@@ -28,7 +28,7 @@ from app import lifecycle, repository
 from app.config import Settings
 from app.context import download_session
 from app.db import create_engine, create_sessionmaker, utc_now
-from app.hiapi.schemas import Task, TaskStatus
+from app.hiapi.schemas import Task, TaskOutput, TaskStatus
 from app.jobs.downloader import Downloader, DownloadSettings
 from app.jobs.hosts import HostAllowlist
 from app.models import Status, Via
@@ -108,12 +108,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 session, video_id=video.id, task_id=task_id, now=now, poll_after=timedelta(hours=1)
             )
         owner = uuid.uuid4().hex
-        task = Task.model_validate(
-            {
-                "taskId": task_id,
-                "status": TaskStatus.success,
-                "output": [{"url": args.url, "expireAt": int(time.time()) + 3600}],
-            }
+        task = Task(
+            task_id=task_id,
+            status=TaskStatus.success,
+            output=[TaskOutput(url=args.url, expires_at=int(time.time()) + 3600)],
         )
         async with sm() as session, session.begin():
             outcome = await lifecycle.apply_task(

@@ -3,7 +3,8 @@
 * ``bare_app``: a bare FastAPI endpoint on the webhook's own path that parses the same JSON
   body and answers 204. The ceiling of FastAPI + uvicorn on this machine.
 * ``insert_app``: the plain way to make a callback durable: one SQLAlchemy async session per
-  request, ``INSERT ... ON CONFLICT DO NOTHING`` of the callback, commit, 204. It uses
+  request, the task parsed as the service parses it, ``INSERT ... ON CONFLICT DO NOTHING`` of
+  the callback, commit, 204. It uses
   ``app.db.create_engine`` (same pool and SQLite pragmas as the service) on
   ``BENCH_DATABASE_URL``.
 
@@ -16,13 +17,13 @@ import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from sqlalchemy import Column, MetaData, String, Table, Text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app.db import UTCDateTime, create_engine, create_sessionmaker, utc_now
+from app.hiapi.schemas import parse_task_payload, task_object
 
 __all__ = ["CALLBACKS", "bare_app", "insert_app"]
 
@@ -40,12 +41,6 @@ CALLBACKS = Table(
 )
 
 
-def _task_of(payload: Any) -> dict[str, Any] | None:
-    if isinstance(payload, dict) and "data" in payload and "taskId" not in payload:
-        payload = payload["data"]
-    return payload if isinstance(payload, dict) else None
-
-
 def _add_health(app: FastAPI) -> None:
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -58,7 +53,7 @@ def bare_app() -> FastAPI:
 
     @app.post(WEBHOOK_PATH, status_code=204)
     async def callback(video_id: str, token: str, request: Request) -> Response:
-        task = _task_of(json.loads(await request.body()))
+        task = task_object(json.loads(await request.body()))
         if task is None:
             return Response(status_code=400)
         return Response(status_code=204)
@@ -89,15 +84,16 @@ def insert_app() -> FastAPI:
     @app.post(WEBHOOK_PATH, status_code=204)
     async def callback(video_id: str, token: str, request: Request) -> Response:
         raw = await request.body()
-        task = _task_of(json.loads(raw))
-        if task is None:
+        try:
+            task = parse_task_payload(json.loads(raw))
+        except ValueError:
             return Response(status_code=400)
         stmt = (
             app.state.insert(CALLBACKS)
             .values(
-                task_id=str(task.get("taskId")),
+                task_id=task.task_id,
                 video_id=video_id,
-                status=str(task.get("status")),
+                status=task.status.value,
                 body=raw.decode(),
                 received_at=utc_now(),
             )

@@ -28,7 +28,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from app.db import create_engine, utc_now
-from app.hiapi.schemas import MODEL
+from app.hiapi.schemas import MODEL, Task, TaskError, TaskStatus
 from app.models import Video
 from app.security import webhook_token
 from tools.bench.common import (
@@ -59,18 +59,16 @@ TARGET_DUP = 0.6
 
 def callback_body(task_id: str) -> str:
     """A final ``fail`` callback as hiapi sends it (the bare task object)."""
-    return json.dumps(
-        {
-            "taskId": task_id,
-            "status": "fail",
-            "model": MODEL,
-            "output": [],
-            "error": {
-                "code": "generation_failed",
-                "message": "the model could not generate a video for this input",
-            },
-        }
+    task = Task(
+        task_id=task_id,
+        status=TaskStatus.fail,
+        model=MODEL,
+        error=TaskError(
+            code="generation_failed",
+            message="the model could not generate a video for this input",
+        ),
     )
+    return json.dumps(task.wire())
 
 
 def _callback(video_id: uuid.UUID, task_id: str) -> tuple[str, str, str]:
