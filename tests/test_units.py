@@ -30,8 +30,9 @@ from app.hiapi.schemas import (
     input_errors,
     parse_task_payload,
 )
-from app.jobs.downloader import _Sink, is_mp4_header
+from app.jobs.downloader import is_mp4_header
 from app.jobs.hosts import HostAllowlist
+from app.jobs.sink import Sink
 from app.retry import backoff_seconds
 from app.security import callback_url, token_matches, webhook_token
 
@@ -408,7 +409,7 @@ class TestDownloadSink:
     async def test_chunks_are_written_and_hashed_in_order(self):
         chunks = [bytes([i]) * random.randint(1, 70_000) for i in range(60)]
         writer, hasher = _SlowWriter(), hashlib.sha256()
-        sink = _Sink(writer, hasher)
+        sink = Sink(writer, hasher)
         for chunk in chunks:
             await sink.put(chunk)
         await sink.finish()
@@ -417,7 +418,7 @@ class TestDownloadSink:
 
     async def test_a_failed_write_raises_and_nothing_after_it_is_written(self):
         writer = _SlowWriter(fail_at=5)
-        sink = _Sink(writer, hashlib.sha256())
+        sink = Sink(writer, hashlib.sha256())
 
         async def feed() -> None:
             try:

@@ -5,26 +5,25 @@ body is streamed through a ``ClipWriter`` of the storage backend (a partial file
 upload) while its sha256 and size are computed; the first bytes must be an MP4 ``ftyp`` box; the
 size is capped while streaming, not trusted from Content-Length. The writer then commits (fsync
 and rename; CompleteMultipartUpload), and only then is the video marked ``ready`` (still under
-the lease). Hashing and local disk writes run in worker threads so the event loop keeps acking
-webhooks. Any failure aborts the writer, so nothing half-written remains. Transient failures
-(network, storage) give the lease back with a backoff until the deadline: the URL's
-``expires_at`` or the task's end plus ``DOWNLOAD_MAX_RETRY_SECONDS``, whichever comes first. Any
-other exception is handled the same way (recorded in ``last_error``, logged with the video's
-ids, counted as a failed attempt): no error leaves a lease held with nobody working on it. A
-stop request (shutdown) gives the lease back at once so any replica can resume.
+the lease). Hashing and local disk writes run in worker threads (``app.jobs.sink``) so the event
+loop keeps acking webhooks. Any failure aborts the writer, so nothing half-written remains.
+Transient failures (network, storage) give the lease back with a backoff until the deadline: the
+URL's ``expires_at`` or the task's end plus ``DOWNLOAD_MAX_RETRY_SECONDS``, whichever comes
+first. Any other exception is handled the same way (recorded in ``last_error``, logged with the
+video's ids, counted as a failed attempt): no error leaves a lease held with nobody working on
+it. A stop request (shutdown) gives the lease back at once so any replica can resume.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hashlib
 import logging
 import re
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,19 +36,17 @@ from yarl import URL
 from app import lifecycle, repository
 from app.jobs.hosts import HostAllowlist, Refused, resolves_to_public
 from app.jobs.resolve import AddressRefused
+from app.jobs.sink import Sink
 from app.logging import bind
 from app.metrics import METRICS
 from app.retry import backoff_seconds
 from app.storage import ClipWriter, Storage, StorageError
-from app.threads import run_bulk
 
 __all__ = ["DownloadSettings", "Downloader", "is_mp4_header"]
 
 log = logging.getLogger(__name__)
 
-WRITE_CHUNK = 1024 * 1024
-# Chunks being hashed and written while the next one is read (see ``_Sink``).
-PIPELINE_DEPTH = 3
+WRITE_CHUNK = 1024 * 1024  # what the sink takes at a time
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # How long a cancelled download may take to abort its upload before the task gives up on it.
@@ -370,7 +367,7 @@ class Downloader:
             raise Permanent("too_large", f"clip is {declared} bytes; MAX_VIDEO_BYTES is {limit}")
 
         hasher = hashlib.sha256()
-        sink = _Sink(writer, hasher)
+        sink = Sink(writer, hasher)
         total = 0
         checked = False
         pieces: list[bytes] = []
@@ -449,58 +446,6 @@ class Downloader:
         if failed is not None:
             log.warning("download.failed code=%s message=%s", code, message)
             METRICS.downloads.labels(code).inc()
-
-
-class _Sink:
-    """Hashes and stores chunks in worker threads, in order, while the caller reads on.
-
-    Two chains of steps, one hashing and one writing: each step waits for the one before it
-    in its chain, so bytes are hashed and written in the order they came, and hashing one
-    chunk overlaps writing another. At most ``PIPELINE_DEPTH`` chunks are in flight, which
-    bounds memory at about (``PIPELINE_DEPTH`` + 1) × ``WRITE_CHUNK``. A failed step fails
-    every step after it in its chain, and ``put``/``finish`` raise its error.
-    """
-
-    def __init__(self, writer: ClipWriter, hasher: hashlib._Hash) -> None:
-        self._writer = writer
-        self._hasher = hasher
-        self._steps: collections.deque[tuple[asyncio.Task[None], asyncio.Task[None]]] = (
-            collections.deque()
-        )
-
-    async def put(self, data: bytes) -> None:
-        if len(self._steps) >= PIPELINE_DEPTH:
-            await self._settle_oldest()
-        last_hash, last_write = self._steps[-1] if self._steps else (None, None)
-        hashing = asyncio.create_task(
-            _after(last_hash, lambda: run_bulk(self._hasher.update, data))
-        )
-        writing = asyncio.create_task(_after(last_write, lambda: self._writer.write(data)))
-        self._steps.append((hashing, writing))
-
-    async def finish(self) -> None:
-        while self._steps:
-            await self._settle_oldest()
-
-    async def cancel(self) -> None:
-        """Stop every step still in flight and wait until they have stopped."""
-        steps = [task for pair in self._steps for task in pair]
-        self._steps.clear()
-        for task in steps:
-            task.cancel()
-        await asyncio.gather(*steps, return_exceptions=True)
-
-    async def _settle_oldest(self) -> None:
-        hashing, writing = self._steps[0]
-        await hashing
-        await writing
-        self._steps.popleft()
-
-
-async def _after(previous: asyncio.Task[None] | None, step: Callable[[], Awaitable[None]]) -> None:
-    if previous is not None:
-        await previous
-    await step()
 
 
 def _through_proxy(url: httpx.URL) -> bool:
