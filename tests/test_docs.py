@@ -20,12 +20,13 @@ LIBRARY_PREFIXES = ("AWS_", "OTEL_", "PROMETHEUS_MULTIPROC_DIR")
 SYSTEM = {"PATH", "PYTHONPATH", "HOME", "TMPDIR", "CI", "USER", "LANG", "TZ"}
 
 
-def documented() -> set[str]:
+def documented(section: str = "configuration") -> set[str]:
+    """Variable names in the first column of the tables of one README section."""
     names: set[str] = set()
     inside = False
     for line in (ROOT / "README.md").read_text().splitlines():
         if line.startswith("## "):
-            inside = line.strip().lower().startswith("## configuration")
+            inside = line.strip().lower().startswith(f"## {section}")
             continue
         if inside and line.startswith("|"):
             names.update(re.findall(r"`([A-Z][A-Z0-9_]{2,})`", line.split("|")[1]))
@@ -66,13 +67,20 @@ def attributes_read(trees: list[tuple[Path, ast.Module]]) -> set[str]:
 
 
 def test_every_documented_setting_exists_and_every_read_one_is_documented() -> None:
-    trees = _trees("app", "tools")  # the README documents the bench's variables too
-    in_code = set(Settings.model_fields) | read_from_environment(trees)
+    in_code = set(Settings.model_fields) | read_from_environment(_trees("app"))
     docs = documented()
     # The S3 credentials row documents botocore's chain, which the code does not read itself.
     docs_ours = {n for n in docs if not n.startswith(LIBRARY_PREFIXES)}
     assert sorted(docs_ours - in_code) == [], "documented in README, unknown to the code"
     assert sorted(in_code - docs) == [], "read by the code, missing from README's Configuration"
+
+
+def test_the_tools_variables_are_documented_with_the_bench() -> None:
+    """``tools/`` (bench, chaos) is not the service: its variables are in "Performance"."""
+    in_tools = read_from_environment(_trees("tools")) - set(Settings.model_fields)
+    docs = documented("performance")
+    assert sorted(in_tools - docs) == [], "read by tools/, missing from README's Performance"
+    assert sorted(docs - in_tools) == [], "documented in Performance, read by nothing in tools/"
 
 
 def test_every_setting_is_read_by_the_code() -> None:
