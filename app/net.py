@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["is_public_address"]
+__all__ = ["is_ip_literal", "is_public_address"]
 
 # IPv6 forms that carry an IPv4 address in their last 32 bits (RFC 4291, RFC 6052): such an
 # address is public only if the IPv4 address it carries is.
@@ -37,3 +37,12 @@ def is_public_address(address: str) -> bool:
         if embedded is not None:
             return embedded.is_global and not embedded.is_multicast
     return ip.is_global and not ip.is_multicast
+
+
+def is_ip_literal(host: str) -> bool:
+    """True when ``host`` is written as an IP address rather than a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import uuid
 from datetime import datetime
 from typing import Annotated, Literal, Self
@@ -14,7 +13,7 @@ from pydantic_core import PydanticCustomError
 from app.hiapi.schemas import DURATION_MAX, DURATION_MIN, image_url_errors
 from app.jobs.hosts import canonical_host
 from app.models import Notification, Status, Video
-from app.net import is_public_address
+from app.net import is_ip_literal, is_public_address
 from app.signing import VideoUrls
 
 __all__ = [
@@ -78,20 +77,12 @@ def notify_url_problem(url: str, *, allow_local: bool) -> str | None:
     parsed, host = _notify_host(url)
     if parsed.scheme == "http":
         return "must use https"
-    if _is_ip(host) and not is_public_address(host):
+    if is_ip_literal(host) and not is_public_address(host):
         return (
             f"{parsed.host} is a private or local address, which notifications are never sent to; "
             "give a public https URL (NOTIFY_ALLOW_LOCAL=true allows it, for development only)"
         )
     return None
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class VideoCreate(BaseModel):

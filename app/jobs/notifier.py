@@ -20,7 +20,6 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import socket
@@ -39,7 +38,7 @@ from app.jobs.resolve import CheckedResolver
 from app.logging import bind
 from app.metrics import METRICS
 from app.models import Notification
-from app.net import is_public_address
+from app.net import is_ip_literal, is_public_address
 from app.retry import backoff_seconds
 from app.schemas import notify_url_problem
 
@@ -59,14 +58,6 @@ def sign(secret: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     signed = f"{msg_id}.{timestamp}.".encode() + body
     digest = hmac.new(secret, signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class Notifier:
@@ -181,7 +172,7 @@ class Notifier:
         later) or ``AddressRefused`` before any connection is made."""
         host = canonical_host(url.raw_host.decode("ascii"))
         port = url.port or (443 if url.scheme == "https" else 80)
-        if _is_ip(host):
+        if is_ip_literal(host):
             if not self._allow_local and not is_public_address(host):
                 raise ValueError(
                     f"notify_url host {host} is a private or local address; refused before "
