@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 from alembic import command
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from app.db import create_engine
 from app.migrate import alembic_config, downgrade, upgrade
@@ -20,6 +21,19 @@ from tests.conftest import ChildServer, ServiceFactory, child_env, videorelay
 
 def in_thread(fn, *args):
     return asyncio.to_thread(fn, *args)
+
+
+async def migrate_beside_a_running_service(fn, *args) -> None:
+    """``upgrade``/``downgrade`` while a service runs: its reconciler's image sweep (every
+    0.1 s here) reads ``images`` then ``videos`` while the migration's DDL locks them in the
+    other order, and Postgres may abort the migration as a deadlock. The migration is one
+    transaction, rolled back whole, so it is run again."""
+    for attempt in range(5):
+        try:
+            return await in_thread(fn, *args)
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "40P01" or attempt == 4:
+                raise
 
 
 class TestMigrations:
@@ -42,7 +56,7 @@ class TestProbes:
         self, services: ServiceFactory, database_url: str
     ):
         service = await services.start()
-        await in_thread(downgrade, database_url, "base")
+        await migrate_beside_a_running_service(downgrade, database_url, "base")
         try:
             ready = await service.client.get("/readyz")
             assert ready.status_code == 503
@@ -52,7 +66,7 @@ class TestProbes:
             assert error["code"] == "migration_pending"
             assert "videorelay migrate" in error["message"]
         finally:
-            await in_thread(upgrade, database_url)
+            await migrate_beside_a_running_service(upgrade, database_url)
 
     async def test_readyz_says_unavailable_when_the_database_cannot_be_read(
         self, services: ServiceFactory, database_url: str
