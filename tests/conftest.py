@@ -56,9 +56,12 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Under pytest-xdist this runs in each worker and in the controller, which receives every
+    # worker's reports through pytest_runtest_logreport: the controller's verdict is the run's.
     if IN_CI and _SKIPPED_POSTGRES:
         terminal = session.config.pluginmanager.get_plugin("terminalreporter")
         if terminal is not None:
+            terminal.write_line("")  # after the progress line, not on it
             terminal.write_line(
                 f"under CI, {len(_SKIPPED_POSTGRES)} Postgres test(s) were skipped, e.g.:"
             )

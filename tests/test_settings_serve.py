@@ -31,6 +31,9 @@ from app.migrate import head_revision
 from app.security import webhook_token
 from tests.conftest import HIAPI_KEY, WEBHOOK_SECRET, ChildServer, child_env, videorelay
 
+# Under pytest-xdist one worker runs the whole file, so its shared servers start once.
+pytestmark = pytest.mark.xdist_group("settings_serve")
+
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdefgh"
 CAROL = "carol-key-0123456789abcdef"  # only in a comment line: not a key

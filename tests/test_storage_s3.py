@@ -40,6 +40,9 @@ from app.storage import LocalStorage, Storage, parse_storage_url
 from app.storage.s3 import PART_SIZE, S3Storage
 from tests.conftest import WEBHOOK_SECRET, Service, ServiceFactory, Sim, child_env
 
+# Under pytest-xdist one worker runs the whole file, so its shared servers start once.
+pytestmark = pytest.mark.xdist_group("storage_s3")
+
 MiB = 1024 * 1024
 PREFIX = "clips/v1"
 
