@@ -73,7 +73,10 @@ async def submit_and_wait_for_partial(proc: ChildServer, storage: Path) -> dict[
         video = (
             await client.post("/v1/videos", json={"image_url": "https://example.invalid/a.jpg"})
         ).json()
-        for _ in range(400):
+        # A deadline, not a count of polls: on a busy machine the simulator's render and the
+        # child's first download can take longer than 400 short sleeps.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
             parts = list((storage / ".partial").glob("*.part"))
             if parts and parts[0].stat().st_size > 1_000_000:
                 return dict(video)
