@@ -18,6 +18,7 @@ from PIL import Image as PILImage
 from sqlalchemy import func, select
 
 from app.auth import ApiKeys
+from app.db import utc_now
 from app.limits import DRAIN_BYTES, MULTIPART_ALLOWANCE, RequestGuard
 from app.models import Image
 from tests.conftest import Service, ServiceFactory, Sim
@@ -307,7 +308,14 @@ async def test_no_second_response_once_one_has_started():
         "path": "/v1/videos",
         "method": "POST",
         "headers": [(b"transfer-encoding", b"chunked")],
-        "app": SimpleNamespace(state=SimpleNamespace(ctx=SimpleNamespace(api_keys=ApiKeys({})))),
+        # The members of the service's context the guard reads (an open API, no tokens).
+        "app": SimpleNamespace(
+            state=SimpleNamespace(
+                ctx=SimpleNamespace(
+                    api_keys=ApiKeys({}), client_tokens=None, url_signer=None, clock=utc_now
+                )
+            )
+        ),
     }
     await guard(scope, receive, send)
     assert [m["type"] for m in sent] == ["http.response.start"]
