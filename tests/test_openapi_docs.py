@@ -98,6 +98,15 @@ class TestOpenApiDocument:
 
 
 class TestCallerCheck:
+    async def test_every_scope_checked_operation_documents_its_403(self, services: ServiceFactory):
+        # Each of these refuses a client token without its scope (``require_scope``).
+        checked = [op for key, op in OPERATION_IDS.items() if key[1].startswith("/v1/")]
+        checked.remove("createClientToken")  # a token's 403 there is api_key_required
+        by_id = {op["operationId"]: op for op in operations(await openapi(services)).values()}
+        for operation_id in checked:
+            forbidden = by_id[operation_id]["responses"].get("403", {})
+            assert "insufficient_scope" in forbidden.get("description", ""), operation_id
+
     async def test_the_401_is_unchanged_and_any_bearer_spelling_still_works(
         self, services: ServiceFactory
     ):

@@ -59,9 +59,9 @@ SIGNED_ERRORS: dict[int | str, dict[str, Any]] = {
     403: {
         "model": ErrorOut,
         "description": (
-            "A signed URL (`exp` and `sig`, no `Authorization` header) that was altered "
-            "(`bad_signature`) or is past its `exp` (`url_expired`: GET the video again for a "
-            "fresh one)."
+            "A client token without `videos:read` (`insufficient_scope`), or a signed URL "
+            "(`exp` and `sig`, no `Authorization` header) that was altered (`bad_signature`) "
+            "or is past its `exp` (`url_expired`: GET the video again for a fresh one)."
         ),
     },
 }
