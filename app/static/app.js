@@ -1,19 +1,78 @@
-// videorelay playground: upload or link an image, submit, follow the status live (SSE read
-// with fetch so an API key can be sent), play the stored clip.
+// videorelay playground: upload or link an image, submit, follow the status live
+// (EventSource on the video's events_url), play the stored clip from its content_url. Both
+// URLs are signed when the service has API keys, so neither needs a header.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const ORDER = ["queued", "processing", "downloading", "ready"];
+const TOKEN_STORE = "videorelay.clientToken";
 let pickedFile = null;
+// What the page sends as its bearer: a client token, or (only when the server cannot mint
+// tokens) the API key typed in. `resolved` is the field value it was worked out from.
+const auth = { bearer: "", resolved: "", pending: null };
 
-function apiKey() { return $("api-key").value.trim(); }
-function headers(extra = {}) {
-  const key = apiKey();
-  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+function looksLikeToken(value) { return /^eyJ[\w-]*\.[\w-]+\.[\w-]+$/.test(value); }
+function setAuthStatus(message) { $("auth-status").textContent = message; }
+
+async function mintToken(key) {
+  const response = await fetch("/v1/client-tokens", {
+    method: "POST",
+    headers: { "Content-Type": "application/json", Authorization: `Bearer ${key}` },
+    body: JSON.stringify({ subject: "playground", ttl_seconds: 900 }),
+  });
+  const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
+  if (response.status === 501 && body?.error?.code === "client_tokens_disabled") return null;
+  if (!response.ok) throw new Error(body?.error?.message || `HTTP ${response.status}`);
+  return body;
+}
+
+// Turns what the credential field holds into the bearer: a client token is used as is; an API
+// key is exchanged for a short client token, and from then on only the token is sent or kept.
+async function resolveCredential() {
+  const value = $("api-key").value.trim();
+  if (value === auth.resolved) return auth.pending || auth.bearer;
+  auth.resolved = value;
+  auth.pending = (async () => {
+    if (!value) {
+      auth.bearer = "";
+      localStorage.removeItem(TOKEN_STORE);
+      setAuthStatus("");
+    } else if (looksLikeToken(value)) {
+      auth.bearer = value;
+      localStorage.setItem(TOKEN_STORE, value);
+      setAuthStatus("using this client token");
+    } else {
+      const minted = await mintToken(value).catch((err) => {
+        auth.resolved = "";
+        setAuthStatus(`could not mint a client token: ${err.message}`);
+        throw err;
+      });
+      if (minted) {
+        auth.bearer = minted.token;
+        auth.resolved = minted.token;
+        $("api-key").value = minted.token;  // the key itself is not kept
+        localStorage.setItem(TOKEN_STORE, minted.token);
+        const until = new Date(minted.expires_at).toLocaleTimeString();
+        setAuthStatus(`using a client token for "${minted.subject}" until ${until}`);
+      } else {
+        auth.bearer = value;
+        localStorage.removeItem(TOKEN_STORE);
+        setAuthStatus("client tokens are disabled on this server: using the API key itself (not kept)");
+      }
+    }
+    auth.pending = null;
+    return auth.bearer;
+  })();
+  return auth.pending;
+}
+
+async function headers(extra = {}) {
+  const bearer = await resolveCredential();
+  return bearer ? { ...extra, Authorization: `Bearer ${bearer}` } : extra;
 }
 
 async function api(path, options = {}) {
-  const response = await fetch(path, { ...options, headers: headers(options.headers || {}) });
+  const response = await fetch(path, { ...options, headers: await headers(options.headers || {}) });
   const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
   if (!response.ok) {
     const message = body?.error?.message || `HTTP ${response.status}`;
@@ -58,55 +117,39 @@ function renderSteps(video) {
   $("status-line").dataset.status = video.status;
 }
 
-async function play(video) {
+function play(video) {
   const player = $("player");
-  if (apiKey()) {  // a <video> can't send the key: fetch the clip and play it from memory
-    const response = await fetch(video.content_url, { headers: headers() });
-    player.src = URL.createObjectURL(await response.blob());
-  } else {
-    player.src = video.content_url;  // streamed with HTTP Range, so seeking works
-  }
+  player.src = video.content_url;  // signed when the service has keys; streamed with HTTP Range
   player.hidden = false;
 }
 
-async function follow(id) {
+let events = null;
+
+function follow(video) {
   $("current").hidden = false;
   $("player").hidden = true;
-  let lastId = null;
-  for (let attempt = 0; attempt < 30; attempt++) {
-    try {
-      const response = await fetch(`/v1/videos/${id}/events`, {
-        headers: headers(lastId ? { "Last-Event-ID": lastId } : {}),
-      });
-      if (!response.ok) throw new Error(`HTTP ${response.status}`);
-      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += value;
-        let cut;
-        while ((cut = buffer.indexOf("\n\n")) >= 0) {
-          const block = buffer.slice(0, cut);
-          buffer = buffer.slice(cut + 2);
-          const event = {};
-          for (const line of block.split("\n")) {
-            const m = line.match(/^(\w+): ?(.*)$/);
-            if (m) event[m[1]] = m[2];
-          }
-          if (!event.data) continue;
-          lastId = event.id || lastId;
-          const video = JSON.parse(event.data);
-          renderSteps(video);
-          if (video.status === "ready") { await play(video); loadRecent(); return; }
-          if (video.status === "failed") { loadRecent(); return; }
-        }
+  if (events) events.close();
+  // EventSource reconnects by itself (sending Last-Event-ID); the URL carries its own grant.
+  const source = new EventSource(video.events_url);
+  events = source;
+  return new Promise((resolve) => {
+    const finish = () => { source.close(); if (events === source) events = null; loadRecent(); resolve(); };
+    const onEvent = (message) => {
+      const current = JSON.parse(message.data);
+      renderSteps(current);
+      if (current.status === "ready") { play(current); finish(); }
+      else if (current.status === "failed") finish();
+    };
+    for (const kind of ["status", "ready", "failed"]) source.addEventListener(kind, onEvent);
+    source.onerror = () => {
+      if (source.readyState === EventSource.CLOSED) {
+        $("status-line").textContent = "lost the status stream; refresh the list to see the video";
+        finish();
+      } else {
+        $("status-line").textContent = "reconnecting…";
       }
-    } catch (err) {
-      $("status-line").textContent = `reconnecting… (${err.message})`;
-    }
-    await new Promise((r) => setTimeout(r, 1500));
-  }
+    };
+  });
 }
 
 async function submit(event) {
@@ -137,7 +180,7 @@ async function submit(event) {
     });
     renderSteps(video);
     loadRecent();
-    await follow(video.id);
+    await follow(video);
   } catch (err) {
     showError(err.message);
   } finally {
@@ -177,8 +220,9 @@ async function loadRecent() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("api-key").value = localStorage.getItem("videorelay.apiKey") || "";
-  $("api-key").addEventListener("change", () => { localStorage.setItem("videorelay.apiKey", apiKey()); loadRecent(); });
+  localStorage.removeItem("videorelay.apiKey");  // older pages kept the key itself
+  $("api-key").value = localStorage.getItem(TOKEN_STORE) || "";
+  $("api-key").addEventListener("change", () => { resolveCredential().then(loadRecent, () => {}); });
   $("file").addEventListener("change", (e) => pick(e.target.files[0]));
   $("image-url").addEventListener("input", () => { if ($("image-url").value) pick(null); });
   $("duration").addEventListener("input", () => { $("duration-value").textContent = $("duration").value; });
