@@ -10,20 +10,24 @@ Postgres the conflicting row is locked and the ``WHERE`` re-checked after the ot
 transaction commits; SQLite runs one writer at a time. A refused reservation returns None
 and the caller rolls the whole transaction back, the reservations already made included.
 Every submit takes its rows in the same order (key, subject, token), so two cannot deadlock.
+
+Rows that can never be charged again (days older than the day before yesterday, tokens expired
+more than a day ago) are deleted by ``purge_spend``, a bounded batch per reconciler tick.
 """
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, update
+from sqlalchemy import case, delete, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import dialect_insert
 from app.models import DailySpend, SubjectSpend, TokenSpend
 
 __all__ = [
+    "purge_spend",
     "refund_spend",
     "reserve_spend",
     "reserve_subject_spend",
@@ -132,3 +136,31 @@ async def refund_spend(
             .where(TokenSpend.token_id == token_id)
             .values(video_seconds=_minus(TokenSpend.video_seconds, seconds))
         )
+
+
+async def _purge(
+    session: AsyncSession, table: _Table, keys: list[Any], condition: Any, *, limit: int
+) -> int:
+    rows = (await session.execute(select(*keys).where(condition).limit(limit))).all()
+    if not rows:
+        return 0
+    # Counted from RETURNING: another replica's tick may have deleted some of them first.
+    stmt = delete(table).where(tuple_(*keys).in_([tuple(r) for r in rows])).returning(keys[0])
+    return len((await session.execute(stmt)).all())
+
+
+async def purge_spend(session: AsyncSession, *, now: datetime, limit: int = 500) -> int:
+    """Delete spend rows nothing can charge any more: ``daily_spend`` and ``subject_spend``
+    for days more than two days before today (UTC), ``token_spend`` of tokens expired more
+    than a day ago. At most ``limit`` rows per table; returns how many went."""
+    before = now.astimezone(UTC).date() - timedelta(days=2)
+    expired = now - timedelta(days=1)
+    daily = [DailySpend.owner, DailySpend.day]
+    subject = [SubjectSpend.owner, SubjectSpend.subject, SubjectSpend.day]
+    return (
+        await _purge(session, DailySpend, daily, DailySpend.day < before, limit=limit)
+        + await _purge(session, SubjectSpend, subject, SubjectSpend.day < before, limit=limit)
+        + await _purge(
+            session, TokenSpend, [TokenSpend.token_id], TokenSpend.expires_at < expired, limit=limit
+        )
+    )

@@ -14,8 +14,11 @@ from typing import Any
 import jwt
 import pytest
 from PIL import Image as PILImage
+from sqlalchemy import select
 
+from app import spend
 from app.logging import redact
+from app.models import DailySpend, SubjectSpend, TokenSpend
 from app.schemas import ALL_SCOPES
 from app.tokens import SCOPES
 from tests.conftest import ServiceFactory, Sim
@@ -562,3 +565,48 @@ class TestSpendCaps:
         for _ in range(3):  # each is refused by hiapi (502) and refunded, so none hits 429
             response = await service.client.post("/v1/videos", json=body, headers=auth(capped))
             assert response.status_code == 502, response.text
+
+
+class TestSpendCleanup:
+    async def test_the_reconciler_deletes_spend_rows_that_can_no_longer_be_charged(
+        self, services: ServiceFactory
+    ):
+        # The service's own ticks run at start and then an hour apart: the test runs the next.
+        service = await services.start(
+            API_KEYS=KEYS,
+            CLIENT_TOKEN_SECRET=SECRET,
+            DAILY_VIDEO_SECONDS_LIMIT=60,
+            DAILY_VIDEO_SECONDS_PER_SUBJECT=60,
+            RECONCILE_INTERVAL_SECONDS=3600,
+        )
+        token = await mint(service, subject="ann", max_video_seconds=12)
+        response = await service.client.post("/v1/videos", json=BODY, headers=auth(token))
+        assert response.status_code == 202  # today's rows, and the live token's
+        now = datetime.now(UTC)
+        today = now.date()
+        async with service.ctx.sessionmaker() as session, session.begin():
+            for days in (2, 3, 30):
+                day = today - timedelta(days=days)
+                session.add(DailySpend(owner="alice", day=day, video_seconds=6))
+                session.add(SubjectSpend(owner="alice", subject="ann", day=day, video_seconds=6))
+            for name, age in (("recent", timedelta(hours=23)), ("old", timedelta(hours=25))):
+                session.add(TokenSpend(token_id=name, expires_at=now - age, video_seconds=3))
+
+        stats = await service.ctx.reconciler.tick()
+
+        assert stats.spend_purged == 5
+        async with service.ctx.sessionmaker() as session:
+            days = (await session.execute(select(DailySpend.day))).scalars().all()
+            subject_days = (await session.execute(select(SubjectSpend.day))).scalars().all()
+            tokens = (await session.execute(select(TokenSpend.token_id))).scalars().all()
+        kept = sorted([today, today - timedelta(days=2)])
+        assert sorted(days) == kept and sorted(subject_days) == kept
+        assert sorted(tokens) == sorted(["recent", jwt.decode(token, SECRET, ["HS256"])["jti"]])
+        assert (await service.ctx.reconciler.tick()).spend_purged == 0
+        # Bounded: each call deletes at most ``limit`` rows of a table.
+        async with service.ctx.sessionmaker() as session, session.begin():
+            for days in (3, 4):
+                session.add(DailySpend(owner="bob", day=today - timedelta(days=days)))
+        for expected in (1, 1, 0):
+            async with service.ctx.sessionmaker() as session, session.begin():
+                assert await spend.purge_spend(session, now=now, limit=1) == expected

@@ -8,7 +8,9 @@ Every ``RECONCILE_INTERVAL_SECONDS`` each replica runs one tick:
    webhook's own path). A terminal answer found this way is a *recovered* video: its callback
    never arrived. Operators watch that number;
 3. resume downloads whose lease expired (a crashed or stopped replica) or whose retry time
-   came (``JobRunner.refill``).
+   came (``JobRunner.refill``);
+4. expire uploaded images past their retention, and delete spend rows that can never be
+   charged again (``app.spend.purge_spend``), a bounded batch of each.
 
 Rows are claimed with one conditional UPDATE (``FOR UPDATE SKIP LOCKED`` on Postgres), so
 replicas running the same tick never work on the same video.
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app import images, lifecycle
+from app import images, lifecycle, spend
 from app.hiapi.client import HiapiClient
 from app.hiapi.errors import HiapiError, HiapiRejected
 from app.hiapi.schemas import TaskStatus
@@ -55,6 +57,7 @@ class ReconcileStats:
     poll_errors: int = 0
     downloads_resumed: int = 0
     images_expired: int = 0
+    spend_purged: int = 0
 
 
 class Reconciler:
@@ -117,6 +120,8 @@ class Reconciler:
                     now=self._clock(),
                     retention=self._image_retention,
                 )
+        async with self._sm() as session, session.begin():
+            stats.spend_purged = await spend.purge_spend(session, now=self._clock())
         for key, value in asdict(stats).items():
             setattr(self.totals, key, getattr(self.totals, key) + value)
         return stats
