@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -46,6 +47,7 @@ bob:{BOB}
 # carol {CAROL}
 """
 BODY = {"image_url": "https://example.invalid/a.jpg", "duration": 3}
+TOKEN_SECRET = "client-token-secret-0123456789abcdef"
 
 
 def auth(key: str) -> dict[str, str]:
@@ -144,6 +146,9 @@ def relay(work: Path, sim: ChildServer, sqlite_template: Path) -> Iterator[Child
             RECONCILE_BATCH_SIZE="2",
             RECONCILE_AFTER_SECONDS="1",
             RECONCILE_INTERVAL_SECONDS="0.5",
+            CLIENT_TOKEN_SECRET=TOKEN_SECRET,
+            SIGNED_URL_TTL_SECONDS="120",
+            DAILY_VIDEO_SECONDS_PER_SUBJECT="5",
         ),
         cwd=home,
         log=home / "serve.log",
@@ -185,6 +190,38 @@ def workers(work: Path, sim: ChildServer) -> Iterator[ChildServer]:
 async def relay_client(relay: ChildServer) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=relay.url, timeout=10) as client:
         yield client
+
+
+# --- CLIENT_TOKEN_SECRET, SIGNED_URL_TTL_SECONDS, DAILY_VIDEO_SECONDS_PER_SUBJECT -----------
+
+
+async def test_client_tokens_signed_url_ttl_and_subject_limit_on_serve(
+    relay: ChildServer, relay_client: httpx.AsyncClient
+) -> None:
+    async def mint(subject: str) -> str:
+        minted = await relay_client.post(
+            "/v1/client-tokens", json={"subject": subject}, headers=auth(ALICE)
+        )
+        assert minted.status_code == 201, minted.text  # CLIENT_TOKEN_SECRET is set
+        token: str = minted.json()["token"]
+        return token
+
+    ann = await mint("ann")
+    first = await relay_client.post("/v1/videos", json=BODY, headers=auth(ann))
+    assert first.status_code == 202, first.text
+    video = first.json()
+    assert video["subject"] == "ann"
+    # Keys are on, so the event URL is signed, for SIGNED_URL_TTL_SECONDS from now.
+    query = parse_qs(urlsplit(video["events_url"]).query)
+    assert set(query) == {"exp", "sig"}, video["events_url"]
+    assert 100 <= int(query["exp"][0]) - time.time() <= 125, query["exp"]
+    # DAILY_VIDEO_SECONDS_PER_SUBJECT=5: ann's 3 + 3 seconds would pass it; bea has her own day.
+    second = await relay_client.post("/v1/videos", json=BODY, headers=auth(ann))
+    assert second.status_code == 429, second.text
+    assert second.json()["error"]["code"] == "subject_daily_limit_exceeded"
+    other = await relay_client.post("/v1/videos", json=BODY, headers=auth(await mint("bea")))
+    assert other.status_code == 202, other.text
+    assert ann not in relay.output()  # a token never reaches the log
 
 
 # --- API_KEYS_FILE -----------------------------------------------------------------------
