@@ -48,9 +48,13 @@ def do_run_migrations(connection: Connection) -> None:
 
 async def run_async_migrations() -> None:
     engine = create_engine(database_url())
-    async with engine.connect() as connection:
-        await connection.run_sync(do_run_migrations)
-    await engine.dispose()
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(do_run_migrations)
+    finally:
+        # Also when the migration fails (a deadlock with a running service, say): the
+        # pooled connection is closed inside this event loop, not left to the collector.
+        await engine.dispose()
 
 
 def run_migrations_offline() -> None:
