@@ -75,7 +75,7 @@ def install_http_policies(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range"],
             expose_headers=["Idempotent-Replayed", "Content-Range", "Accept-Ranges", "Retry-After"],
             max_age=600,

@@ -564,6 +564,10 @@ class TestFlowOnS3:
             assert part.status_code == 206 and part.content == original[10:20]
             forged = await browser.get(signed.replace("exp=", "exp=1"))
             assert forged.status_code == 403 and "location" not in forged.headers
+            # HEAD answers the same redirect (a link checker's probe), with no body.
+            head = await browser.head(signed)
+            assert head.status_code == 307 and head.content == b""
+            assert head.headers["location"].startswith(f"{bucket.endpoint}/{bucket.name}/")
 
     async def test_source_dropping_mid_upload_aborts_it_then_retries_to_success(
         self, services: ServiceFactory, sim: Sim, bucket: Bucket

@@ -288,7 +288,10 @@ async def read_video(
         "URL again for a fresh link rather than keeping the presigned one.\n\n"
         "A malformed `Range` is a `400 bad_range`; one that starts beyond the end of the clip "
         "is a `416 range_not_satisfiable` with `Content-Range: bytes */<size>`. Both, like "
-        "every error, in the JSON error shape."
+        "every error, in the JSON error shape.\n\n"
+        "`HEAD` (same URL, same credentials or signature) answers exactly as `GET` would, "
+        "without the body: `200`/`206` with `Content-Length`, `Accept-Ranges: bytes`, "
+        "`ETag` and `Last-Modified`, the `307` with S3 storage, or the same error status."
     ),
     responses={
         200: {"content": {"video/mp4": {}}},
@@ -319,6 +322,7 @@ async def read_video(
         },
     },
 )
+@router.head("/{video_id}/content", include_in_schema=False)
 async def video_content(
     video_id: uuid.UUID, storage: StorageDep, session: SessionDep, caller: CallerDep
 ) -> Response:
@@ -351,6 +355,7 @@ async def video_content(
     )
 
 
+EVENT_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STATUS_ORDER: dict[str, int] = {
     Status.queued: 1,
     Status.processing: 2,
@@ -376,7 +381,11 @@ STATUS_ORDER: dict[str, int] = {
         "`EVENTS_HEARTBEAT_SECONDS` (15 s) as a heartbeat. Reconnect with `Last-Event-ID` "
         "to get only what changed since. Events come from the database, so any replica can "
         "serve them. Each API key may hold "
-        "`EVENTS_MAX_STREAMS` open streams per server process; one more is a `429`."
+        "`EVENTS_MAX_STREAMS` open streams per server process; one more is a `429`.\n\n"
+        "`HEAD` (same URL, same credentials or signature) checks the stream is there "
+        "without opening it: `200` with `Content-Type: text/event-stream` and no body, or "
+        "the error status `GET` would answer. It holds no stream slot, so it is never a "
+        "`429`. (`EventSource` itself always uses `GET`.)"
     ),
     responses={
         200: {"content": {"text/event-stream": {}}},
@@ -457,5 +466,17 @@ async def video_events(
         slots=streams,
         caller=slot,
         limit=settings.EVENTS_MAX_STREAMS,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers=EVENT_STREAM_HEADERS,
     )
+
+
+@router.head("/{video_id}/events", include_in_schema=False)
+async def video_events_head(
+    video_id: uuid.UUID, session: SessionDep, caller: CallerDep
+) -> Response:
+    """What ``GET`` would answer, without opening the stream: link checkers, monitors and
+    proxies probe with ``HEAD``, and ``405`` would tell them the URL is broken."""
+    await _video_or_404(session, video_id, caller)
+    response = Response(media_type="text/event-stream", headers=EVENT_STREAM_HEADERS)
+    del response.headers["content-length"]  # GET streams with no length; "0" would be untrue
+    return response
