@@ -8,9 +8,12 @@ from datetime import date, datetime
 from enum import StrEnum
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Date,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -20,6 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.db import UTCDateTime
@@ -75,7 +79,7 @@ class Video(Base):
     __tablename__ = "videos"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('queued', 'processing', 'downloading', 'ready', 'failed')",
+            "status IN ('queued', 'processing', 'downloading', 'ready', 'failed', 'deleted')",
             name="status",
         ),
         # The reconciler's only query shape: rows of one status whose due_at has passed.
@@ -84,6 +88,15 @@ class Video(Base):
         Index("ix_videos_status_created_at_id", "status", "created_at", "id"),
         Index("ix_videos_owner_created_at_id", "owner", "created_at", "id"),
         Index("ix_videos_owner_subject_created_at_id", "owner", "subject", "created_at", "id"),
+        # ``GET /v1/videos?metadata.<key>=<value>`` is ``metadata @> {key: value}`` on Postgres,
+        # which this index answers (jsonb_path_ops: containment only, smaller than the default).
+        Index(
+            "ix_videos_metadata",
+            "metadata",
+            postgresql_using="gin",
+            postgresql_ops={"metadata": "jsonb_path_ops"},
+            info={"only_on": "postgresql"},  # migrations/env.py compares it only there
+        ).ddl_if(dialect="postgresql"),
         # An Idempotency-Key is scoped to the key (owner) and the end user (subject) that sent
         # it, so one subject can never reach another's video by replaying its key.
         UniqueConstraint(
@@ -130,6 +143,24 @@ class Video(Base):
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     sha256: Mapped[str | None] = mapped_column(String(64))
     storage_key: Mapped[str | None] = mapped_column(String(255))
+
+    # The stored clip's facts, read from the file once it is downloaded.
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    duration_seconds: Mapped[float | None] = mapped_column(Float)
+    codec: Mapped[str | None] = mapped_column(String(32))
+    fps: Mapped[float | None] = mapped_column(Float)
+    # Findings that did not fail the clip, e.g. ["duration_mismatch"].
+    warnings: Mapped[list[str] | None] = mapped_column(JSON)
+    # True when the clip's moov box was moved to the front (remuxed, not re-encoded).
+    faststart_remuxed: Mapped[bool | None] = mapped_column(Boolean)
+    poster_key: Mapped[str | None] = mapped_column(String(255))
+
+    # The caller's own key/value pairs, echoed back and filterable.
+    meta: Mapped[dict[str, str] | None] = mapped_column(
+        "metadata", JSON().with_variant(JSONB(), "postgresql")
+    )
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
