@@ -1,6 +1,8 @@
 // videorelay playground: upload or link an image, submit, follow the status live
 // (EventSource on the video's events_url), play the stored clip from its content_url. Both
 // URLs are signed when the service has API keys, so neither needs a header.
+// No API key is ever kept: one typed in is exchanged for a client token at once. When that
+// token expires, the page asks for the credential again (it cannot renew a token by itself).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -10,6 +12,8 @@ let pickedFile = null;
 // What the page sends as its bearer: a client token, or (only when the server cannot mint
 // tokens) the API key typed in. `resolved` is the field value it was worked out from.
 const auth = { bearer: "", resolved: "", pending: null };
+
+const CREDENTIAL_REJECTED = ["token_expired", "invalid_token", "unauthorized"];
 
 function looksLikeToken(value) { return /^eyJ[\w-]*\.[\w-]+\.[\w-]+$/.test(value); }
 function setAuthStatus(message) { $("auth-status").textContent = message; }
@@ -66,17 +70,45 @@ async function resolveCredential() {
   return auth.pending;
 }
 
-async function headers(extra = {}) {
-  const bearer = await resolveCredential();
-  return bearer ? { ...extra, Authorization: `Bearer ${bearer}` } : extra;
+// The credential sent (`refused`: an expired or unknown token, a wrong key, or none) was
+// refused: forget it, open the credential field and say what to paste. What the user typed
+// since is left alone, and so is the rest of the form: pressing Make video again resubmits
+// the same image, prompt and settings.
+function askForCredential(code, refused) {
+  if (refused && auth.bearer === refused) {
+    auth.bearer = "";
+    auth.resolved = "";
+    auth.pending = null;
+    localStorage.removeItem(TOKEN_STORE);
+  }
+  if (refused && $("api-key").value.trim() === refused) $("api-key").value = "";
+  $("credential").open = true;
+  // Into the field, unless the user is typing somewhere else (a list refresh can end here).
+  if (!["INPUT", "TEXTAREA", "SELECT"].includes(document.activeElement?.tagName)) $("api-key").focus();
+  const expired = code === "token_expired";
+  setAuthStatus(expired
+    ? "The client token has expired. Paste the API key again (it is exchanged for a new 15-minute token, not kept) or a fresh client token, then press Make video again: the image, prompt and settings are kept."
+    : refused
+      ? "This credential was refused. Paste a valid API key or client token, then press Make video again."
+      : "This service needs a credential: paste an API key (exchanged for a 15-minute client token, not kept) or a client token.");
+  // The form's own error line, shorter: the details are under Credential.
+  return expired
+    ? "The client token has expired: paste the credential again under Credential."
+    : "The credential was refused or is missing: see Credential.";
 }
 
 async function api(path, options = {}) {
-  const response = await fetch(path, { ...options, headers: await headers(options.headers || {}) });
+  const bearer = await resolveCredential();
+  const headers = { ...options.headers };
+  if (bearer) headers.Authorization = `Bearer ${bearer}`;
+  const response = await fetch(path, { ...options, headers });
   const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
   if (!response.ok) {
-    const message = body?.error?.message || `HTTP ${response.status}`;
-    throw new Error(message);
+    const code = body?.error?.code;
+    if (response.status === 401 && CREDENTIAL_REJECTED.includes(code)) {
+      throw new Error(askForCredential(code, bearer));
+    }
+    throw new Error(body?.error?.message || `HTTP ${response.status}`);
   }
   return body;
 }
@@ -121,6 +153,45 @@ function play(video) {
   const player = $("player");
   player.src = video.content_url;  // signed when the service has keys; streamed with HTTP Range
   player.hidden = false;
+  const download = $("download");
+  download.href = video.content_url;  // the same signed URL; `download` saves instead of playing
+  download.download = `${video.id}.mp4`;  // the name the server gives it too
+  download.hidden = false;
+}
+
+// The request just made, as a curl command for a terminal. The credential is never written
+// out: the command reads $VIDEORELAY_TOKEN (a client token, or your API key on a server).
+function shellQuote(text) { return `'${text.replaceAll("'", `'\\''`)}'`; }
+
+function curlFor(body, withCredential) {
+  const parts = [`curl -sS -X POST ${shellQuote(`${location.origin}/v1/videos`)}`];
+  if (withCredential) parts.push('-H "Authorization: Bearer $VIDEORELAY_TOKEN"');
+  parts.push("-H 'Content-Type: application/json'", `-d ${shellQuote(JSON.stringify(body))}`);
+  return parts.join(" \\\n  ");
+}
+
+function offerCurl(body, withCredential) {
+  $("curl").textContent = curlFor(body, withCredential);
+  $("curl").hidden = true;
+  $("curl-note").hidden = true;
+  $("copy-curl").hidden = false;
+}
+
+async function copyCurl() {
+  const text = $("curl").textContent;
+  $("curl").hidden = false;
+  let copied = false;
+  try {
+    await navigator.clipboard.writeText(text);
+    copied = true;
+  } catch {
+    getSelection().selectAllChildren($("curl"));  // no clipboard access: select it instead
+  }
+  const needs = text.includes("$VIDEORELAY_TOKEN")
+    ? " Set VIDEORELAY_TOKEN to a client token (or, on a server, your API key) first."
+    : "";
+  $("curl-note").textContent = (copied ? "Copied." : "Selected: copy it with your keyboard.") + needs;
+  $("curl-note").hidden = false;
 }
 
 let events = null;
@@ -128,6 +199,7 @@ let events = null;
 function follow(video) {
   $("current").hidden = false;
   $("player").hidden = true;
+  $("download").hidden = true;
   if (events) events.close();
   // EventSource reconnects by itself (sending Last-Event-ID); the URL carries its own grant.
   const source = new EventSource(video.events_url);
@@ -179,6 +251,10 @@ async function submit(event) {
       body: JSON.stringify(body),
     });
     renderSteps(video);
+    offerCurl(body, Boolean(auth.bearer));
+    $("current").hidden = false;
+    const motion = matchMedia("(prefers-reduced-motion: reduce)").matches ? "auto" : "smooth";
+    $("current").scrollIntoView({ behavior: motion, block: "start" });
     loadRecent();
     await follow(video);
   } catch (err) {
@@ -195,16 +271,29 @@ async function loadRecent() {
     list.replaceChildren(...page.items.map((video) => {
       const li = document.createElement("li");
       const when = new Date(video.created_at).toLocaleString();
-      const label = document.createElement("span");
-      label.innerHTML = `<span class="status ${video.status}"></span> <span class="muted"></span>`;
-      label.children[0].textContent = video.status;
-      label.children[1].textContent = `${video.duration}s ${video.resolution} · ${when}`;
+      const label = document.createElement("div");
+      label.className = "item";
+      label.innerHTML = '<span class="prompt"></span><span class="meta"><span class="status"></span> <span class="muted"></span></span>';
+      const prompt = label.querySelector(".prompt");
+      prompt.textContent = video.prompt || "(no prompt)";  // one line, cut with an ellipsis
+      prompt.title = video.prompt || "";
+      prompt.classList.toggle("muted", !video.prompt);
+      const status = label.querySelector(".status");
+      status.textContent = video.status;
+      status.classList.add(video.status);
+      label.querySelector(".meta .muted").textContent = `· ${video.duration} s · ${video.resolution} · ${when}`;
       li.append(label);
       if (video.status === "ready") {
         const button = document.createElement("button");
         button.className = "link";
         button.textContent = "play";
-        button.onclick = () => { $("current").hidden = false; renderSteps(video); play(video); };
+        button.onclick = () => {
+          $("current").hidden = false;
+          $("copy-curl").hidden = $("curl").hidden = $("curl-note").hidden = true;
+          renderSteps(video);
+          play(video);
+          $("current").scrollIntoView({ block: "start" });
+        };
         li.append(button);
       }
       return li;
@@ -232,5 +321,6 @@ document.addEventListener("DOMContentLoaded", () => {
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); pick(e.dataTransfer.files[0]); });
   $("submit-form").addEventListener("submit", submit);
   $("refresh").addEventListener("click", loadRecent);
+  $("copy-curl").addEventListener("click", copyCurl);
   loadRecent();
 });
