@@ -10,13 +10,14 @@ import contextlib
 import itertools
 import json
 import os
+import statistics
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -33,12 +34,16 @@ __all__ = [
     "ScenarioResult",
     "database",
     "insert_videos",
+    "interleave",
+    "repetition_details",
     "run_loadgen",
     "service_env",
     "uvicorn_server",
     "video_row",
     "write_spec",
 ]
+
+T = TypeVar("T")
 
 BENCH_SECRET = "bench-webhook-secret-0123456789abcdef"
 PG_ADMIN_DSN = os.environ.get("BENCH_PG_ADMIN_DSN", procs.PG_ADMIN_DSN)
@@ -53,7 +58,14 @@ UVICORN_FLAGS = ("--no-access-log", "--log-level", "warning", "--timeout-gracefu
 
 @dataclass
 class Measurement:
-    """One figure beside its baseline. ``ratio`` is ``value / baseline_value``."""
+    """One figure beside its baseline.
+
+    Measured once, ``ratio`` is ``value / baseline_value``. Measured in repetitions
+    (``Measurement.repeated``), each repetition pairs a subject run with the baseline run next
+    to it; ``value`` and ``baseline_value`` are then the medians, ``ratio`` the median of the
+    repetitions' own ratios, ``spread`` their min and max, and ``verdict`` says whether every
+    repetition met the target ("yes"), none did ("no"), or only some did ("unstable").
+    """
 
     role: str  # "baseline" or "subject"
     case: str
@@ -65,15 +77,95 @@ class Measurement:
     details: dict[str, Any] = field(default_factory=dict)
     target: str | None = None
     met: bool | None = None
+    # One entry per repetition: its value, its baseline's value, its ratio, and whether it met
+    # the target (None without a target).
+    reps: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def repeated(
+        cls,
+        role: str,
+        case: str,
+        metric: str,
+        values: Sequence[float],
+        baseline: str,
+        baseline_values: Sequence[float],
+        *,
+        better: str = "higher",
+        details: dict[str, Any] | None = None,
+        target: str | None = None,
+        meets: Callable[[int], bool] | None = None,
+    ) -> Measurement:
+        """``values[i]`` was measured beside ``baseline_values[i]``; ``meets(i)`` says
+        whether repetition ``i`` met ``target``."""
+        if len(values) != len(baseline_values) or not values:
+            raise ValueError("one baseline value per repetition, and at least one repetition")
+        reps = [
+            {
+                "value": v,
+                "baseline_value": b,
+                "ratio": v / b if b else float("nan"),
+                "met": meets(i) if meets is not None else None,
+            }
+            for i, (v, b) in enumerate(zip(values, baseline_values, strict=True))
+        ]
+        row = cls(
+            role,
+            case,
+            metric,
+            statistics.median(values),
+            baseline,
+            statistics.median(baseline_values),
+            better=better,
+            details=details or {},
+            target=target,
+            reps=reps,
+        )
+        if meets is not None:
+            row.met = all(r["met"] for r in reps)
+        return row
 
     @property
     def ratio(self) -> float:
+        if self.reps:
+            return float(statistics.median(r["ratio"] for r in self.reps))
         return self.value / self.baseline_value if self.baseline_value else float("nan")
+
+    @property
+    def spread(self) -> tuple[float, float] | None:
+        """The lowest and highest ratio over the repetitions (None when measured once)."""
+        if len(self.reps) < 2:
+            return None
+        ratios = [r["ratio"] for r in self.reps]
+        return min(ratios), max(ratios)
+
+    @property
+    def verdict(self) -> str | None:
+        """ "yes", "no" or "unstable" (some repetitions met the target, some did not)."""
+        if self.met is None:
+            return None
+        if not self.reps:
+            return "yes" if self.met else "no"
+        hits = sum(1 for r in self.reps if r["met"])
+        return "yes" if hits == len(self.reps) else "no" if hits == 0 else "unstable"
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["ratio"] = self.ratio
+        data["spread"] = self.spread
+        data["verdict"] = self.verdict
         return data
+
+
+def interleave(reps: int, *runs: Callable[[], T]) -> list[list[T]]:
+    """Run each of ``runs`` in turn, ``reps`` times over (a, b, a, b, ...); ``result[k]`` holds
+    run k's results, one per repetition. Interleaved, a shared machine's slow moment falls on
+    a baseline and its subject alike instead of on whichever happened to run then."""
+    results: list[list[T]] = [[] for _ in runs]
+    for _ in range(reps):
+        for k, run in enumerate(runs):
+            results[k].append(run())
+    return results
 
 
 @dataclass
@@ -105,6 +197,7 @@ class BenchConfig:
     quick: bool
     databases: tuple[str, ...]  # "sqlite" and/or "postgres"
     workdir: Path
+    reps: int = 1  # interleaved repetitions of each load figure (``--reps``)
 
     def seconds(self, quick: float, full: float) -> float:
         return quick if self.quick else full
@@ -174,6 +267,18 @@ class LoadResult:
             1000 * self.server_cpu_s / self.ok if self.ok else float("nan")
         )
         return data
+
+
+def repetition_details(runs: Sequence[LoadResult], **extra: object) -> dict[str, Any]:
+    """A repeated load figure's details: the median latencies the table shows, the errors of
+    all repetitions, and every repetition's own figures."""
+    return {
+        "p50_ms": statistics.median(r.p50_ms for r in runs),
+        "p99_ms": statistics.median(r.p99_ms for r in runs),
+        "errors": sum(r.errors for r in runs),
+        "repetitions": [r.details() for r in runs],
+        **extra,
+    }
 
 
 def write_spec(

@@ -35,16 +35,22 @@ def _latency(row: Measurement) -> str:
 
 
 def _met(row: Measurement) -> str:
-    if row.met is None:
+    verdict = row.verdict
+    if verdict is None:
         return ""
-    return "yes" if row.met else "**no**"
+    if verdict == "unstable":
+        hits = sum(1 for r in row.reps if r["met"])
+        return f"**unstable** ({hits} of {len(row.reps)})"
+    return "yes" if verdict == "yes" else "**no**"
 
 
 def _ratio(row: Measurement) -> str:
     if row.role == "baseline" and row.baseline == "itself":
         return "1 (baseline)"
     arrow = "↑" if row.better == "higher" else "↓"
-    return f"{row.ratio:.2f}× {arrow}"
+    spread = row.spread
+    around = f" ({spread[0]:.2f}–{spread[1]:.2f})" if spread else ""
+    return f"{row.ratio:.2f}× {arrow}{around}"
 
 
 def markdown(meta: dict[str, Any], scenarios: list[ScenarioResult]) -> str:
@@ -55,6 +61,11 @@ def markdown(meta: dict[str, Any], scenarios: list[ScenarioResult]) -> str:
         "",
         f"Load average (1 min) before the run {meta['loadavg_1min_before']:.2f}, after "
         f"{meta['loadavg_1min_after']:.2f} (above ~0.5 before: other work shared the 2 cores).",
+        "",
+        f"Figures with a range were measured {meta['reps']} times, interleaved with their "
+        "baseline: value and ratio are medians, the range is the lowest and highest "
+        "repetition's ratio, and **unstable** means some repetitions met the target and "
+        "some did not.",
         "",
         "| scenario | case | value | baseline (same run) | ratio | p50 / p99 ms | errors "
         "| target | met |",

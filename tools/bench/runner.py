@@ -41,6 +41,12 @@ SCENARIOS: list[tuple[str, str, Callable[[BenchConfig], ScenarioResult]]] = [
 ]
 
 
+# Interleaved repetitions of each load figure: three give a median and a range, two (quick)
+# check that the repetition machinery runs.
+FULL_REPS = 3
+QUICK_REPS = 2
+
+
 class BenchError(Exception):
     """The bench cannot run as asked (for example, Postgres requested but unreachable)."""
 
@@ -55,15 +61,18 @@ def _databases(choice: str) -> tuple[tuple[str, ...], str | None]:
     return ("sqlite",), f"Postgres not reachable at {PG_ADMIN_DSN}: measured on SQLite only"
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def _machine() -> str:
+    cpu = _cpu_model()
     mem = ""
     try:
         kib = int(Path("/proc/meminfo").read_text().split()[1])
@@ -98,14 +107,20 @@ def _versions(databases: tuple[str, ...]) -> str:
 
 
 def run_bench(
-    *, quick: bool, json_path: Path | None, database: str, only: list[str] | None = None
+    *,
+    quick: bool,
+    json_path: Path | None,
+    database: str,
+    only: list[str] | None = None,
+    reps: int | None = None,
 ) -> int:
     known = [name for name, _, _ in SCENARIOS]
     unknown = [name for name in only or [] if name not in known]
     if unknown:
         raise BenchError(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(known)}")
+    reps = reps or (QUICK_REPS if quick else FULL_REPS)
     started = time.monotonic()
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
     databases, db_note = _databases(database)
     mode = "quick" if quick else "full"
     report.progress(f"{mode} run on {', '.join(databases)}")
@@ -114,7 +129,7 @@ def run_bench(
         for name, title, scenario in SCENARIOS:
             if only and name not in only:
                 continue
-            cfg = BenchConfig(quick=quick, databases=databases, workdir=Path(tmp) / name)
+            cfg = BenchConfig(quick=quick, databases=databases, workdir=Path(tmp) / name, reps=reps)
             cfg.workdir.mkdir()
             t0 = time.monotonic()
             report.progress(f"{name} ...")
@@ -141,13 +156,18 @@ def run_bench(
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "databases": list(databases),
         "machine": _machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "reps": reps,
         "versions": _versions(databases),
         "python": sys.version.split()[0],
         "total_seconds": time.monotonic() - started,
         # The machine may be shared: a high load average before the run means other work
         # competed with it (every ratio is still taken within the run).
-        "loadavg_1min_before": load_before,
+        "loadavg_1min_before": load_before[0],
         "loadavg_1min_after": os.getloadavg()[0],
+        "loadavg_before": list(load_before),  # 1, 5 and 15 minutes
+        "loadavg_after": list(os.getloadavg()),
     }
     report.publish(meta, results, json_path)
     return 1 if any(r.error for r in results) else 0
@@ -182,7 +202,22 @@ def build_parser(prog: str = "python -m tools.bench") -> argparse.ArgumentParser
         help="comma-separated scenarios to run (webhook, download, reconciler, submit, e2e); "
         "default all",
     )
+    parser.add_argument(
+        "--reps",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help=f"interleaved repetitions of each load figure (default {FULL_REPS}, "
+        f"{QUICK_REPS} with --quick): figures are medians, printed with their range",
+    )
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m tools.bench") -> int:
@@ -193,6 +228,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m tools.benc
             json_path=Path(args.json_path),
             database=args.database,
             only=[name for name in args.only.split(",") if name],
+            reps=args.reps,
         )
     except BenchError as exc:
         sys.stderr.write(f"{prog}: {exc}\n")

@@ -22,6 +22,7 @@ import asyncio
 import json
 import statistics
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from tools.bench.common import (
     ScenarioResult,
     database,
     insert_videos,
+    interleave,
+    repetition_details,
     run_loadgen,
     service_env,
     uvicorn_server,
@@ -132,56 +135,17 @@ def _row(
 def run(cfg: BenchConfig) -> ScenarioResult:
     result = ScenarioResult("webhook", "Webhook ack")
     duration = _duration(cfg)
-    warmup = _warmup(cfg)
-    # Enough distinct rows that no run can exhaust them before its time is up.
-    per_run = cfg.count(6_000, 30_000)
     work = cfg.workdir
-
-    def load(server: Child, spec: Path, concurrency: int, seconds: float) -> LoadResult:
-        return _load(cfg, server, spec, concurrency, seconds)
-
-    # Baseline A runs before and after everything else (its server idles in between), and the
-    # mean of the two is the reference: drift on a shared machine shows up in its details.
+    # Baseline A's server stays up through every database's repetitions: each repetition runs
+    # A, B, then the subject, so each subject figure has an A measured right beside it.
     spec_bare = write_spec(work / "bare.json", _synthetic(2_000), cycle=True)
     with uvicorn_server(
         "bare", "tools.bench.servers:bare_app", env=child_env(), workdir=work
-    ) as server:
-        load(server, spec_bare, 16, warmup)
-        before = {c: load(server, spec_bare, c, duration) for c in _concurrencies(cfg)}
+    ) as bare:
+        _load(cfg, bare, spec_bare, 16, _warmup(cfg))
         for db in cfg.databases:
             with database(db, f"webhook_{db}", work) as url:
-                _run_database(cfg, result, db, url, before, per_run)
-        after = {c: load(server, spec_bare, c, duration) for c in _concurrencies(cfg)}
-    rows = []
-    for c in _concurrencies(cfg):
-        runs = (before[c], after[c])
-        rps = statistics.mean(r.rps for r in runs)
-        details: dict[str, object] = {
-            "p50_ms": statistics.mean(r.p50_ms for r in runs),
-            "p99_ms": statistics.mean(r.p99_ms for r in runs),
-            "errors": sum(r.errors for r in runs),
-            "before": before[c].details(),
-            "after": after[c].details(),
-            "drift": after[c].rps / before[c].rps - 1 if before[c].rps else float("nan"),
-        }
-        rows.append(
-            Measurement(
-                "baseline",
-                f"A: bare FastAPI 204, c={c}",
-                "req/s",
-                rps,
-                "itself",
-                rps,
-                details=details,
-            )
-        )
-        for row in result.rows:
-            if row.details.get("vs_A_concurrency") == c:
-                row.baseline_value = rps
-    result.rows[:0] = rows
-    drift = ", ".join(
-        f"c={c}: {before[c].rps:.0f} then {after[c].rps:.0f} req/s" for c in _concurrencies(cfg)
-    )
+                _run_database(cfg, result, db, url, bare, spec_bare)
     result.notes.append(
         "Callbacks report `fail` (no download is started), so the webhook figures are the ack "
         "alone: token check, JSON parse, one conditional UPDATE (duplicates: UPDATE + SELECT), "
@@ -189,10 +153,12 @@ def run(cfg: BenchConfig) -> ScenarioResult:
     )
     result.notes.append(
         f"Each load run lasts {duration:g} s after a warm-up; load comes from a separate "
-        "process (tools.bench.loadgen, keep-alive HTTP/1.1 on uvloop). Ratios are against "
-        "baseline A at the same concurrency (the mean of a run before and one after all the "
-        f"others: {drift}); `ratio_vs_B` in the JSON is against the insert-per-request "
-        "baseline on the same database."
+        "process (tools.bench.loadgen, keep-alive HTTP/1.1 on uvloop). Each figure is the "
+        f"median of {cfg.reps} interleaved repetitions (A, B, subject new, subject 50% "
+        "duplicates; then again), its ratio the median of each repetition's ratio against "
+        "the A run beside it, and the range after it the lowest and highest of those ratios. "
+        "`ratio_vs_B` in the JSON is against the insert-per-request baseline on the same "
+        "database."
     )
     return result
 
@@ -220,45 +186,19 @@ def _run_database(
     result: ScenarioResult,
     db: str,
     url: str,
-    bare: dict[int, LoadResult],
-    per_run: int,
+    bare: Child,
+    spec_bare: Path,
 ) -> None:
     work = cfg.workdir
     warmup = _warmup(cfg)
-    duration = _duration(cfg)
+    # Enough distinct rows that no run can exhaust them before its time is up.
+    per_run = cfg.count(6_000, 30_000)
 
-    def load(server: Child, spec: Path, concurrency: int, seconds: float) -> LoadResult:
-        return _load(cfg, server, spec, concurrency, seconds)
-
-    # Baseline B: insert per request.
-    insert: dict[int, LoadResult] = {}
-    with uvicorn_server(
-        f"insert-{db}",
-        "tools.bench.servers:insert_app",
-        env=child_env(BENCH_DATABASE_URL=url),
-        workdir=work,
-        extra=(),
-    ) as server:
-        load(server, write_spec(work / "insert-warm.json", _synthetic(2_000)), 16, warmup)
-        for c in _concurrencies(cfg):
-            spec = write_spec(work / f"insert-{c}.json", _synthetic(per_run))
-            insert[c] = load(server, spec, c, duration)
-            result.rows.append(
-                _row(
-                    "baseline",
-                    f"B: insert per request, {db}, c={c}",
-                    insert[c],
-                    f"A, c={c}",
-                    bare[c],
-                )
-            )
-
-    # Subject: rows in `processing`, one set per run so every "new" callback moves a row.
+    # The subject's rows, in `processing`: one set per run so every "new" callback moves a row.
     now = utc_now()
-    plans: dict[tuple[str, int], list[tuple[uuid.UUID, str]]] = {}
-    rows = []
-    for key in [("warm", 16)] + [(m, c) for m in ("new", "dup") for c in _concurrencies(cfg)]:
-        count = 2_000 if key[0] == "warm" else per_run if key[0] == "new" else per_run // 2
+    rows: list[dict[str, object]] = []
+
+    def plan(count: int) -> list[tuple[uuid.UUID, str]]:
         batch = [
             video_row(
                 status="processing",
@@ -269,43 +209,139 @@ def _run_database(
             for _ in range(count)
         ]
         rows.extend(batch)
-        plans[key] = [(r["id"], r["task_id"]) for r in batch]
+        return [(r["id"], r["task_id"]) for r in batch]
+
+    warm_plan = plan(2_000)
+    plans = {
+        (mix, c): [plan(per_run if mix == "new" else per_run // 2) for _ in range(cfg.reps)]
+        for mix in ("new", "dup")
+        for c in _concurrencies(cfg)
+    }
     asyncio.run(insert_videos(url, rows))
 
-    env = service_env(url, work)
     acked_unique = 0
-    with uvicorn_server(
-        f"videorelay-{db}", "app.main:create_app_from_env", env=env, workdir=work, extra=()
-    ) as server:
-        spec = write_spec(work / "subject-warm.json", _sequence(plans[("warm", 16)], "new"))
-        warm = load(server, spec, 16, warmup)
-        acked_unique += _unique_sent(plans[("warm", 16)], "new", warm.sent)
-        for mix in ("new", "dup"):
-            for c in _concurrencies(cfg):
-                videos = plans[(mix, c)]
-                spec = write_spec(work / f"subject-{mix}-{c}.json", _sequence(videos, mix))
-                res = load(server, spec, c, duration)
-                acked_unique += _unique_sent(videos, mix, res.sent)
-                row = _row(
-                    "subject",
-                    f"videorelay, {db}, {'all new' if mix == 'new' else '50% duplicates'}, c={c}",
-                    res,
-                    f"A, c={c}",
-                    bare[c],
-                    ratio_vs_B=res.rps / insert[c].rps if insert[c].rps else float("nan"),
-                )
-                if mix == "new":
-                    floor = TARGET_NEW[db]
-                    row.target = f">= {floor}x A" + (
-                        f", p99 <= {TARGET_P99_MS:g} ms" if c == 64 else ""
-                    )
-                    row.met = row.ratio >= floor and (c != 64 or res.p99_ms <= TARGET_P99_MS)
-                else:
-                    row.target = f">= {TARGET_DUP}x A"
-                    row.met = row.ratio >= TARGET_DUP
-                result.rows.append(row)
+    with (
+        uvicorn_server(
+            f"insert-{db}",
+            "tools.bench.servers:insert_app",
+            env=child_env(BENCH_DATABASE_URL=url),
+            workdir=work,
+        ) as insert,
+        uvicorn_server(
+            f"videorelay-{db}",
+            "app.main:create_app_from_env",
+            env=service_env(url, work),
+            workdir=work,
+        ) as subject,
+    ):
+        _load(cfg, insert, write_spec(work / "insert-warm.json", _synthetic(2_000)), 16, warmup)
+        spec = write_spec(work / "subject-warm.json", _sequence(warm_plan, "new"))
+        acked_unique += _unique_sent(warm_plan, "new", _load(cfg, subject, spec, 16, warmup).sent)
+        for c in _concurrencies(cfg):
+            inserts = [
+                write_spec(work / f"insert-{c}-{i}.json", _synthetic(per_run))
+                for i in range(cfg.reps)
+            ]
+            subjects = {
+                mix: [
+                    write_spec(work / f"subject-{mix}-{c}-{i}.json", _sequence(videos, mix))
+                    for i, videos in enumerate(plans[(mix, c)])
+                ]
+                for mix in ("new", "dup")
+            }
+            a, b, new, dup = interleave(
+                cfg.reps,
+                _runner(cfg, bare, [spec_bare] * cfg.reps, c),
+                _runner(cfg, insert, inserts, c),
+                _runner(cfg, subject, subjects["new"], c),
+                _runner(cfg, subject, subjects["dup"], c),
+            )
+            for mix, runs in (("new", new), ("dup", dup)):
+                for videos, res in zip(plans[(mix, c)], runs, strict=True):
+                    acked_unique += _unique_sent(videos, mix, res.sent)
+            _rows(result, db, c, a, b, new, dup)
     recorded = asyncio.run(_count_failed(url))
     result.notes.append(
         f"{db}: {recorded} rows moved to `failed` for {acked_unique} distinct callbacks sent"
         + (" (every ack was recorded)." if recorded >= acked_unique else " (MISSING ROWS).")
+    )
+
+
+def _runner(
+    cfg: BenchConfig, server: Child, specs: list[Path], concurrency: int
+) -> Callable[[], LoadResult]:
+    """A load run against ``server`` with the next of ``specs`` each time it is called."""
+    remaining = iter(specs)
+    return lambda: _load(cfg, server, next(remaining), concurrency, _duration(cfg))
+
+
+def _rows(
+    result: ScenarioResult,
+    db: str,
+    c: int,
+    a: list[LoadResult],
+    b: list[LoadResult],
+    new: list[LoadResult],
+    dup: list[LoadResult],
+) -> None:
+    a_rps = [r.rps for r in a]
+    name_a = f"A, c={c}"
+    result.rows.append(
+        Measurement.repeated(
+            "baseline",
+            f"A: bare FastAPI 204, c={c} (beside {db})",
+            "req/s",
+            a_rps,
+            "itself",
+            a_rps,
+            details=repetition_details(a),
+        )
+    )
+    result.rows.append(
+        Measurement.repeated(
+            "baseline",
+            f"B: insert per request, {db}, c={c}",
+            "req/s",
+            [r.rps for r in b],
+            name_a,
+            a_rps,
+            details=repetition_details(b),
+        )
+    )
+    floor = TARGET_NEW[db]
+    p99_target = c == 64
+    result.rows.append(
+        Measurement.repeated(
+            "subject",
+            f"videorelay, {db}, all new, c={c}",
+            "req/s",
+            [r.rps for r in new],
+            name_a,
+            a_rps,
+            details=repetition_details(new, ratio_vs_B=_median_ratio(new, b)),
+            target=f">= {floor}x A" + (f", p99 <= {TARGET_P99_MS:g} ms" if p99_target else ""),
+            meets=lambda i: (
+                new[i].rps >= floor * a[i].rps
+                and (not p99_target or new[i].p99_ms <= TARGET_P99_MS)
+            ),
+        )
+    )
+    result.rows.append(
+        Measurement.repeated(
+            "subject",
+            f"videorelay, {db}, 50% duplicates, c={c}",
+            "req/s",
+            [r.rps for r in dup],
+            name_a,
+            a_rps,
+            details=repetition_details(dup, ratio_vs_B=_median_ratio(dup, b)),
+            target=f">= {TARGET_DUP}x A",
+            meets=lambda i: dup[i].rps >= TARGET_DUP * a[i].rps,
+        )
+    )
+
+
+def _median_ratio(subject: list[LoadResult], base: list[LoadResult]) -> float:
+    return statistics.median(
+        s.rps / b.rps if b.rps else float("nan") for s, b in zip(subject, base, strict=True)
     )
