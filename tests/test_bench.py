@@ -53,6 +53,37 @@ def test_bench_quick_reports_every_scenario_with_a_baseline_and_a_ratio(tmp_path
             assert math.isfinite(row["ratio"]) and row["ratio"] > 0, (name, row)
         # Every subject figure is compared with a baseline measured in this run, not itself.
         assert all(r["baseline"] != "itself" for r in scenario["results"]), name
+    # Load figures are medians of interleaved repetitions (two with --quick), with their range.
+    assert data["meta"]["reps"] == 2
+    assert data["meta"]["cpu_model"] and len(data["meta"]["loadavg_before"]) == 3
+    for name in ("webhook", "download", "submit"):
+        for row in data["scenarios"][name]["results"]:
+            assert len(row["reps"]) == 2, (name, row["case"])
+            low, high = row["spread"]
+            assert low <= row["ratio"] <= high, (name, row["case"])
+            if row["target"]:
+                assert row["verdict"] in ("yes", "no", "unstable"), (name, row["case"])
+
+
+def test_a_target_met_in_some_repetitions_only_is_unstable():
+    from tools.bench.common import Measurement
+
+    values, baselines = [50.0, 30.0, 45.0], [100.0, 100.0, 100.0]
+    row = Measurement.repeated(
+        "subject",
+        "case",
+        "req/s",
+        values,
+        "A",
+        baselines,
+        target=">= 0.4x A",
+        meets=lambda i: values[i] >= 0.4 * baselines[i],
+    )
+    assert (row.ratio, row.spread, row.verdict, row.met) == (0.45, (0.3, 0.5), "unstable", False)
+    every = Measurement.repeated(
+        "subject", "case", "req/s", values, "A", baselines, meets=lambda i: True
+    )
+    assert every.verdict == "yes"
 
 
 @pytest.mark.parametrize("command", ["bench", "chaos"])
