@@ -89,7 +89,7 @@ def _validation_message(err: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         return (
             f"{field}: unknown field; allowed fields are image_url (or image_id), prompt, "
-            "resolution, duration, notify_url"
+            "resolution, duration, notify_url, metadata"
         )
     if kind == "missing":
         return f"{field}: field required"

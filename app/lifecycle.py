@@ -27,6 +27,7 @@ the notify_url outbox in ``app/outbox.py``, the spend quota in ``app/spend.py``,
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -72,6 +73,7 @@ class NewVideo:
     duration: int
     image_id: uuid.UUID | None = None
     notify_url: str | None = None
+    metadata: dict[str, str] | None = None  # the caller's own pairs; never sent to hiapi
 
 
 class Created(StrEnum):
@@ -211,6 +213,12 @@ _RESCUE = _claim(_REPLACEABLE, clear_error=True)
 # --- create and submit -------------------------------------------------------------------
 
 
+def _detached(columns: Mapping[Any, Any]) -> Video:
+    """A ``Video`` from a row's columns (the ``metadata`` column is the ``meta`` attribute)."""
+    values = {k: v for k, v in columns.items() if k != "metadata"}
+    return Video(**values, meta=columns.get("metadata"))
+
+
 async def create_video(
     session: AsyncSession,
     *,
@@ -239,6 +247,7 @@ async def create_video(
         "duration": params.duration,
         "image_id": params.image_id,
         "notify_url": params.notify_url,
+        "metadata": params.metadata,
         "owner": owner,
         "subject": subject,
         "token_id": token_id,
@@ -254,7 +263,7 @@ async def create_video(
     if idempotency_key is None:
         # A Core INSERT of a prepared statement; the caller gets a detached copy of the row.
         await session.execute(_INSERT_VIDEO, values)
-        return Video(**values), Created.created
+        return _detached(values), Created.created
     # One atomic statement closes the race of two identical requests arriving together:
     # exactly one insert wins; the other reads the winner's row.
     stmt = (
@@ -275,13 +284,22 @@ async def create_video(
     ).scalar_one()
     if inserted is not None:
         return existing, Created.created
+    # Every parameter counts, metadata too (as notify_url, which hiapi never sees either).
     same = (
         existing.image_url,
         existing.prompt,
         existing.resolution,
         existing.duration,
         existing.notify_url,
-    ) == (params.image_url, params.prompt, params.resolution, params.duration, params.notify_url)
+        existing.meta or None,
+    ) == (
+        params.image_url,
+        params.prompt,
+        params.resolution,
+        params.duration,
+        params.notify_url,
+        params.metadata or None,
+    )
     return existing, (Created.replayed if same else Created.conflict)
 
 
@@ -316,7 +334,7 @@ async def record_submit_success(
             {"p_video": video_id, "p_task": task_id, "p_now": now, "p_due": now + poll_after},
         )
     ).first()
-    return None if row is None else Video(**row._mapping)
+    return None if row is None else _detached(row._mapping)
 
 
 async def record_submit_rejected(

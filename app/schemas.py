@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Literal, Self
@@ -10,7 +12,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from app.hiapi.schemas import DURATION_MAX, DURATION_MIN, image_url_errors
+from app.hiapi.schemas import DURATION_MAX, DURATION_MIN, image_url_errors, json_type
 from app.jobs.hosts import canonical_host
 from app.models import Notification, Status, Video
 from app.net import is_ip_literal, is_public_address
@@ -19,6 +21,9 @@ from app.signing import VideoUrls
 __all__ = [
     "FIELD_HINTS",
     "FIELD_RULE",
+    "METADATA_MAX_BYTES",
+    "METADATA_MAX_KEYS",
+    "METADATA_VALUE_MAX",
     "ErrorOut",
     "ImageOut",
     "NotifyOut",
@@ -27,6 +32,8 @@ __all__ = [
     "VideoOut",
     "VideoPage",
     "field_rule",
+    "metadata_key_problem",
+    "metadata_problem",
     "notify_url_form_problem",
     "notify_url_problem",
 ]
@@ -40,6 +47,59 @@ FIELD_HINTS = {
     "resolution": "must be one of '720p', '1080p' (default '1080p')",
     "duration": f"must be a whole number of seconds from {DURATION_MIN} to {DURATION_MAX}",
 }
+
+# ``metadata``: the caller's own key/value pairs, stored and echoed, never sent to hiapi.
+METADATA_MAX_KEYS = 16
+METADATA_KEY = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+METADATA_VALUE_MAX = 500
+# The size of the whole object is the UTF-8 length of its compact JSON encoding
+# (``json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)``), escapes included.
+METADATA_MAX_BYTES = 8 * 1024
+METADATA_EXAMPLE: dict[str, JsonValue] = {"order_id": "A-1042", "user.plan": "pro"}
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def metadata_key_problem(key: str) -> str | None:
+    """Why ``key`` can't be a metadata key, or None."""
+    if METADATA_KEY.fullmatch(key) is None:
+        return f"key {_shown(key)} must be 1 to 40 characters of A-Z, a-z, 0-9, '_', '.' and '-'"
+    return None
+
+
+def metadata_problem(metadata: object) -> tuple[str, str] | None:
+    """``(field, message)`` of the first rule ``metadata`` breaks, or None."""
+    if not isinstance(metadata, dict):
+        return "metadata", (
+            f"must be an object of string keys to string values, for example "
+            f"{json.dumps(METADATA_EXAMPLE)} (got {json_type(metadata)})"
+        )
+    if len(metadata) > METADATA_MAX_KEYS:
+        return "metadata", f"at most {METADATA_MAX_KEYS} keys (got {len(metadata)})"
+    for key, value in metadata.items():
+        problem = metadata_key_problem(key)
+        if problem is not None:
+            return "metadata", problem
+        if not isinstance(value, str):
+            return f"metadata.{key}", (
+                f"must be a string of at most {METADATA_VALUE_MAX} characters "
+                f"(got {json_type(value)})"
+            )
+        if len(value) > METADATA_VALUE_MAX:
+            return f"metadata.{key}", (
+                f"must be a string of at most {METADATA_VALUE_MAX} characters (got {len(value)})"
+            )
+    size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > METADATA_MAX_BYTES:
+        return "metadata", (
+            f"at most {METADATA_MAX_BYTES} bytes in all, counted as compact JSON in UTF-8 "
+            f"(got {size})"
+        )
+    return None
+
 
 # The error type of a rule that spans fields or needs more than the field's type: its message
 # is shown as written, and ``ctx["field"]`` names the field to blame (``app.errors``).
@@ -127,6 +187,33 @@ class VideoCreate(BaseModel):
         "and sent to only if every address it resolves to is public.",
     )
 
+    metadata: dict[str, str] | None = Field(
+        default=None,
+        description=(
+            f"Your own key/value pairs, stored with the video and echoed in its JSON, events "
+            f"and `notify_url` pushes; never sent to hiapi. Up to {METADATA_MAX_KEYS} keys of 1 "
+            f"to 40 characters `[A-Za-z0-9_.-]`, string values of at most "
+            f"{METADATA_VALUE_MAX} characters, and at most {METADATA_MAX_BYTES} bytes in all "
+            "(the UTF-8 length of the object's compact JSON encoding). Filter the list with "
+            "`GET /v1/videos?metadata.<key>=<value>`."
+        ),
+        json_schema_extra={
+            "maxProperties": METADATA_MAX_KEYS,
+            "propertyNames": {"pattern": METADATA_KEY.pattern, "maxLength": 40},
+            "additionalProperties": {"type": "string", "maxLength": METADATA_VALUE_MAX},
+            "examples": [METADATA_EXAMPLE],
+        },
+    )
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata_rules(cls, value: object) -> object:
+        if value is not None:
+            problem = metadata_problem(value)
+            if problem is not None:
+                raise field_rule(*problem)
+        return value
+
     @field_validator("image_url")
     @classmethod
     def _https(cls, value: str | None) -> str | None:
@@ -190,6 +277,7 @@ VIDEO_EXAMPLE: dict[str, JsonValue] = {
     "events_url": "https://relay.example.com/v1/videos/5f0c7d7e-8c1b-4f0e-9a55-1d2b3c4d5e6f"
     "/events?exp=1795887911&sig=Jm3v8d0Xo2sH5q1cYb7kN9rT4wE6uA0zL8pG2fV5iQk",
     "notify": None,
+    "metadata": {"order_id": "A-1042"},
     "created_at": "2026-11-28T16:45:09.379107Z",
     "updated_at": "2026-11-28T16:45:11.451912Z",
 }
@@ -226,6 +314,9 @@ class VideoOut(BaseModel):
         )
     )
     notify: NotifyOut | None = Field(description="Push to `notify_url`, if one was given.")
+    metadata: dict[str, str] = Field(
+        description="The `metadata` given at submit, keys in sorted order; `{}` when none."
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -265,6 +356,7 @@ class VideoOut(BaseModel):
             content_url=urls.content(video.id) if ready else None,
             events_url=urls.events(video.id),
             notify=notify,
+            metadata=dict(sorted((video.meta or {}).items())),
             created_at=video.created_at,
             updated_at=video.updated_at,
         )

@@ -196,4 +196,5 @@ class Submission:
             duration=body.duration,
             image_id=body.image_id,
             notify_url=body.notify_url,
+            metadata=body.metadata or None,  # {} is stored as none
         )

@@ -27,6 +27,7 @@ __all__ = [
     "TaskOutput",
     "TaskStatus",
     "input_errors",
+    "json_type",
     "parse_task_payload",
     "task_object",
 ]
@@ -109,7 +110,7 @@ def parse_task_payload(payload: Any) -> Task:
         raise ValueError(f"{where}: {first['msg']}") from None
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -133,7 +134,7 @@ def input_errors(body: Any, *, allow_http_images: bool = False) -> list[str]:
     """
     problems: list[str] = []
     if not isinstance(body, Mapping):
-        return [f"invalid input: expected object, but got {_json_type(body)}"]
+        return [f"invalid input: expected object, but got {json_type(body)}"]
     extra = [k for k in body if k not in ROOT_FIELDS]
     if extra:
         problems.append(f"additional properties {', '.join(repr(k) for k in extra)} not allowed")
@@ -147,7 +148,7 @@ def input_errors(body: Any, *, allow_http_images: bool = False) -> list[str]:
     if inp is None:
         problems.append('input: missing required field "input"')
     elif not isinstance(inp, Mapping):
-        problems.append(f"input: expected object, but got {_json_type(inp)}")
+        problems.append(f"input: expected object, but got {json_type(inp)}")
     else:
         problems.extend(_input_object_errors(inp, allow_http_images=allow_http_images))
     return [f"invalid input: {p}" for p in problems]
@@ -157,7 +158,7 @@ def _callback_errors(callback: Any) -> list[str]:
     if callback is None:
         return []
     if not isinstance(callback, Mapping):
-        return [f"callback: expected object, but got {_json_type(callback)}"]
+        return [f"callback: expected object, but got {json_type(callback)}"]
     problems: list[str] = []
     url = callback.get("url")
     if not isinstance(url, str) or not url.startswith(("https://", "http://")):
@@ -177,7 +178,7 @@ def _input_object_errors(inp: Mapping[str, Any], *, allow_http_images: bool) -> 
     if "image_urls" not in inp:
         problems.append('image_urls: missing required field "image_urls"')
     elif not isinstance(urls, list):
-        problems.append(f"image_urls: expected array, but got {_json_type(urls)}")
+        problems.append(f"image_urls: expected array, but got {json_type(urls)}")
     elif len(urls) < 1:
         problems.append(f"image_urls: minItems: got {len(urls)}, want 1")
     elif len(urls) > 1:
@@ -189,7 +190,7 @@ def _input_object_errors(inp: Mapping[str, Any], *, allow_http_images: bool) -> 
         problems.extend(image_url_errors(url, field="image_urls/0"))
 
     if "prompt" in inp and not isinstance(inp["prompt"], str):
-        problems.append(f"prompt: expected string, but got {_json_type(inp['prompt'])}")
+        problems.append(f"prompt: expected string, but got {json_type(inp['prompt'])}")
 
     if "resolution" in inp and inp["resolution"] not in RESOLUTIONS:
         allowed = ", ".join(repr(r) for r in RESOLUTIONS)
@@ -203,7 +204,7 @@ def _input_object_errors(inp: Mapping[str, Any], *, allow_http_images: bool) -> 
 def image_url_errors(url: Any, *, field: str) -> list[str]:
     """hiapi takes one HTTPS URL with a host."""
     if not isinstance(url, str):
-        return [f"{field}: expected string, but got {_json_type(url)}"]
+        return [f"{field}: expected string, but got {json_type(url)}"]
     if not url.startswith("https://") or len(url) <= len("https://") or " " in url:
         return [f"{field}: value must be an https URL"]
     return []
@@ -211,7 +212,7 @@ def image_url_errors(url: Any, *, field: str) -> list[str]:
 
 def duration_errors(value: Any) -> list[str]:
     if isinstance(value, bool) or not isinstance(value, int):
-        return [f"duration: expected integer, but got {_json_type(value)}"]
+        return [f"duration: expected integer, but got {json_type(value)}"]
     if value < DURATION_MIN:
         return [f"duration: minimum: got {value}, want {DURATION_MIN}"]
     if value > DURATION_MAX:
