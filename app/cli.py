@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 from pydantic import SecretStr, ValidationError
@@ -50,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="apply database migrations before starting (without it, an unmigrated database "
         "is refused)",
+    )
+    serve.add_argument(
+        "--forwarded-allow-ips",
+        default="127.0.0.1",
+        metavar="IPS",
+        help="comma-separated addresses or networks of the proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed, or '*' when nothing but the proxy reaches this port "
+        "(default 127.0.0.1)",
     )
     serve.add_argument(
         "--fetch-images",
@@ -170,6 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             log_config=None,
             timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE_SECONDS) + 5,
+            **_proxy_options(args, settings),
         )
         return 0
     uvicorn.run(
@@ -178,8 +188,19 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_config=None,
         timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE_SECONDS) + 5,
+        **_proxy_options(args, settings),
     )
     return 0
+
+
+def _proxy_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """What uvicorn needs to sit behind a proxy: whose ``X-Forwarded-*`` to believe, and the
+    path prefix (``ROOT_PATH``) the proxy strips, which uvicorn puts back in front."""
+    return {
+        "proxy_headers": True,
+        "forwarded_allow_ips": args.forwarded_allow_ips,
+        "root_path": settings.ROOT_PATH,
+    }
 
 
 def _serve_simulated(args: argparse.Namespace, settings: Settings) -> int:
@@ -228,6 +249,7 @@ def _serve_simulated(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port,
         log_config=None,
         timeout_graceful_shutdown=int(settings.SHUTDOWN_GRACE_SECONDS) + 5,
+        **_proxy_options(args, settings),
     )
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import re
 import socket
 from pathlib import Path
 from typing import Literal, Self
@@ -23,6 +24,10 @@ __all__ = ["ConfigError", "Settings"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/videorelay.db"
 _LOCAL_SUFFIXES = (".local", ".internal", ".home.arpa", ".lan")
+# Path segments of letters, digits and -._~, none of them `.` or `..`.
+_SEGMENT = r"(?!\.\.?(?:/|$))[A-Za-z0-9._~-]+"
+_ACCEL_PREFIX = re.compile(rf"/(?:{_SEGMENT}/)+")
+_ROOT_PATH = re.compile(rf"(?:/{_SEGMENT})+")
 
 
 class ConfigError(ValueError):
@@ -144,6 +149,14 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="How long /metrics reuses its database gauges."
     )
     CORS_ORIGINS: str = Field(default="", description="Comma-separated origins, or `*`.")
+    CONTENT_ACCEL_REDIRECT: str | None = Field(
+        default=None,
+        description="nginx `internal` location (`/_clips/`) that serves local clips; unset = "
+        "the service streams them.",
+    )
+    ROOT_PATH: str = Field(
+        default="", description="Path prefix the proxy serves this service under (`/relay`)."
+    )
 
     @field_validator(
         "STORAGE_URL",
@@ -151,6 +164,7 @@ class Settings(BaseSettings):
         "METRICS_TOKEN",
         "METRICS_PORT",
         "CLIENT_TOKEN_SECRET",
+        "CONTENT_ACCEL_REDIRECT",
         mode="before",
     )
     @classmethod
@@ -176,6 +190,18 @@ class Settings(BaseSettings):
             raise ConfigError(
                 "STORAGE_URL is s3://... but aioboto3 is not installed; "
                 "install the s3 extra: pip install 'videorelay[s3]'"
+            )
+        accel = self.CONTENT_ACCEL_REDIRECT
+        if accel is not None and not _ACCEL_PREFIX.fullmatch(accel):
+            raise ConfigError(
+                "CONTENT_ACCEL_REDIRECT must be the nginx location that serves the clips "
+                "folder: a path that starts and ends with /, in letters, digits and -._~/, "
+                "no . or .. segment (for example /_clips/)"
+            )
+        if self.ROOT_PATH and not _ROOT_PATH.fullmatch(self.ROOT_PATH):
+            raise ConfigError(
+                "ROOT_PATH must be empty or a path that starts with / and does not end with "
+                "one, in letters, digits and -._~/, no . or .. segment (for example /relay)"
             )
         if self.S3_ENDPOINT_URL is not None and not self.S3_ENDPOINT_URL.startswith(
             ("http://", "https://")

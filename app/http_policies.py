@@ -29,6 +29,16 @@ DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
 PAGE_PATHS = ("/static/",)
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path inside the app. Under ``ROOT_PATH`` (uvicorn's ``root_path``) the
+    server prepends the prefix the proxy took off: ``/relay/v1/videos`` is ``/v1/videos``."""
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
 class SecurityHeaders:
     """Pure ASGI middleware (no buffering, so streamed MP4s and Range responses pass through)."""
 
@@ -40,7 +50,7 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = str(scope.get("path", ""))
+        path = route_path(scope)
         docs = path.startswith(DOCS_PATHS)
         page = path == "/" or path.startswith(PAGE_PATHS)
 

@@ -29,6 +29,7 @@ from app.auth import GRANT_OWNER, ApiKeys, Caller
 from app.config import Settings
 from app.context import context_of
 from app.errors import AppError, error_body
+from app.http_policies import route_path
 from app.signing import BadSignature, SignedRequest, UrlExpired, UrlSigner, signed_request
 from app.tokens import ClientTokens, TokenError, looks_like_token
 
@@ -210,7 +211,7 @@ class RequestGuard:
         self.image_max_bytes = image_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "")
+        path = route_path(scope)
         if scope["type"] != "http" or not path.startswith(API_PREFIX):
             await self.app(scope, receive, send)
             return

@@ -485,6 +485,18 @@ class ChildServer:
         return code
 
 
+def simulator_child(work: Path, *args: str) -> ChildServer:
+    """``videorelay simulator <args>`` as a process of its own (not started), in ``work``;
+    knobs change with PATCH /_sim/config."""
+    return ChildServer(
+        videorelay("simulator", "--port", "{port}", *args),
+        lambda port: child_env(work),
+        cwd=work,
+        log=work / "simulator.log",
+        up_path="/_sim/stats",
+    )
+
+
 def videorelay(*args: str) -> Callable[[int], list[str]]:
     """``argv`` for ``ChildServer``: ``videorelay <args>``, with ``{port}`` filled in."""
     return lambda port: [sys.executable, "-m", "app.cli", *(a.format(port=port) for a in args)]

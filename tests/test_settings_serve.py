@@ -30,7 +30,14 @@ import pytest
 
 from app.migrate import head_revision
 from app.security import webhook_token
-from tests.conftest import HIAPI_KEY, WEBHOOK_SECRET, ChildServer, child_env, videorelay
+from tests.conftest import (
+    HIAPI_KEY,
+    WEBHOOK_SECRET,
+    ChildServer,
+    child_env,
+    simulator_child,
+    videorelay,
+)
 
 # Under pytest-xdist one worker runs the whole file, so its shared servers start once.
 pytestmark = pytest.mark.xdist_group("settings_serve")
@@ -101,13 +108,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sim(work: Path) -> Iterator[ChildServer]:
     """``videorelay simulator`` as a process of its own; knobs change with PATCH /_sim/config."""
-    child = ChildServer(
-        videorelay("simulator", "--port", "{port}", "--latency", "0.05"),
-        lambda port: child_env(work),
-        cwd=work,
-        log=work / "simulator.log",
-        up_path="/_sim/stats",
-    )
+    child = simulator_child(work, "--latency", "0.05")
     child.start()
     yield child
     child.terminate()

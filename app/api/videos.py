@@ -286,6 +286,9 @@ async def read_video(
         "which serves the same bytes with Range support. Browsers and HTTP clients follow it; "
         "they drop the `Authorization` header on the way, as the bucket wants. Request this "
         "URL again for a fresh link rather than keeping the presigned one.\n\n"
+        "With `CONTENT_ACCEL_REDIRECT` set (clips on local disk, behind the nginx of "
+        "`deploy/nginx.conf`), this checks the caller and hands the file to nginx with "
+        "`X-Accel-Redirect`; nginx serves it, with Range support.\n\n"
         "A malformed `Range` is a `400 bad_range`; one that starts beyond the end of the clip "
         "is a `416 range_not_satisfiable` with `Content-Range: bytes */<size>`. Both, like "
         "every error, in the JSON error shape.\n\n"
@@ -324,7 +327,11 @@ async def read_video(
 )
 @router.head("/{video_id}/content", include_in_schema=False)
 async def video_content(
-    video_id: uuid.UUID, storage: StorageDep, session: SessionDep, caller: CallerDep
+    video_id: uuid.UUID,
+    storage: StorageDep,
+    session: SessionDep,
+    caller: CallerDep,
+    settings: SettingsDep,
 ) -> Response:
     video = await _video_or_404(session, video_id, caller)
     if video.status != Status.ready or video.storage_key is None:
@@ -346,6 +353,15 @@ async def video_content(
             f"the stored file of video {video_id} is missing from storage",
             code="content_missing",
             status_code=500,
+        )
+    if settings.CONTENT_ACCEL_REDIRECT is not None:
+        # nginx serves the file from its internal location (Range, sendfile); no body here.
+        return Response(
+            headers={
+                "X-Accel-Redirect": settings.CONTENT_ACCEL_REDIRECT + video.storage_key,
+                "Content-Type": "video/mp4",
+                "Content-Disposition": f'inline; filename="{video_id}.mp4"',
+            }
         )
     return ClipResponse(
         path,

@@ -19,7 +19,7 @@ function looksLikeToken(value) { return /^eyJ[\w-]*\.[\w-]+\.[\w-]+$/.test(value
 function setAuthStatus(message) { $("auth-status").textContent = message; }
 
 async function mintToken(key) {
-  const response = await fetch("/v1/client-tokens", {
+  const response = await fetch("v1/client-tokens", {
     method: "POST",
     headers: { "Content-Type": "application/json", Authorization: `Bearer ${key}` },
     body: JSON.stringify({ subject: "playground", ttl_seconds: 900 }),
@@ -238,14 +238,14 @@ async function submit(event) {
     if (pickedFile) {
       const form = new FormData();
       form.append("file", pickedFile);
-      const image = await api("/v1/images", { method: "POST", body: form });
+      const image = await api("v1/images", { method: "POST", body: form });
       body.image_id = image.id;
     } else if ($("image-url").value.trim()) {
       body.image_url = $("image-url").value.trim();
     } else {
       throw new Error("Pick an image or paste an https image URL.");
     }
-    const video = await api("/v1/videos", {
+    const video = await api("v1/videos", {
       method: "POST",
       headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() },
       body: JSON.stringify(body),
@@ -267,7 +267,7 @@ async function submit(event) {
 async function loadRecent() {
   const list = $("recent");
   try {
-    const page = await api("/v1/videos?limit=10");
+    const page = await api("v1/videos?limit=10");
     list.replaceChildren(...page.items.map((video) => {
       const li = document.createElement("li");
       const when = new Date(video.created_at).toLocaleString();
