@@ -644,6 +644,9 @@ async def test_clip_is_served_by_nginx_with_range(
     assert part.status_code == 206
     assert part.content == data[100:1100]
     assert part.headers["content-range"] == f"bytes 100-1099/{len(data)}"
+    head = await client.head(path)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(data))
     # The caller is checked first: without the key, nothing.
     refused = await client.get(path, headers={"Authorization": ""})
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
