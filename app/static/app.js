@@ -164,7 +164,7 @@ function play(video) {
 function shellQuote(text) { return `'${text.replaceAll("'", `'\\''`)}'`; }
 
 function curlFor(body, withCredential) {
-  const parts = [`curl -sS -X POST ${shellQuote(`${location.origin}/v1/videos`)}`];
+  const parts = [`curl -sS -X POST ${shellQuote(new URL("v1/videos", location.href).href)}`];
   if (withCredential) parts.push('-H "Authorization: Bearer $VIDEORELAY_TOKEN"');
   parts.push("-H 'Content-Type: application/json'", `-d ${shellQuote(JSON.stringify(body))}`);
   return parts.join(" \\\n  ");
