@@ -686,14 +686,13 @@ async def test_root_path_names_the_prefix_and_keeps_every_guard(
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("CONTENT_ACCEL_REDIRECT", "_clips"),
         ("CONTENT_ACCEL_REDIRECT", "/_clips"),
         ("CONTENT_ACCEL_REDIRECT", "/_clips/../"),
         ("ROOT_PATH", "/relay/"),
-        ("ROOT_PATH", "relay"),
     ],
 )
 def test_serve_refuses_a_malformed_proxy_setting(tmp_path: Path, name: str, value: str) -> None:
     env = child_env(tmp_path, HIAPI_KEY=HIAPI_KEY, WEBHOOK_SECRET=WEBHOOK_SECRET, **{name: value})
-    result = run_cli("serve", "--port", str(free_port()), cwd=tmp_path, env=env, timeout=30)
+    # A refusal takes a second; the timeout is for a machine busy with other work.
+    result = run_cli("serve", "--port", str(free_port()), cwd=tmp_path, env=env, timeout=120)
     assert_one_line_refusal(result, name, "for example")
