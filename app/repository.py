@@ -20,8 +20,10 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Uuid, literal, select, tuple_
+from sqlalchemy import Uuid, literal, select, tuple_, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import Caller
@@ -163,10 +165,12 @@ async def list_videos(
     limit: int,
     cursor: str | None,
     secret: bytes,
+    metadata: tuple[str, str] | None = None,
 ) -> tuple[list[Video], str | None]:
     """The caller's videos, newest first: an API key's all (or one ``subject``'s), a client
-    token's own subject's only. Keyset pagination on ``(created_at, id)`` so pages stay stable
-    and cheap. ``secret`` is the webhook secret the cursor key is derived from."""
+    token's own subject's only; with ``metadata=(key, value)``, those whose metadata has it.
+    Keyset pagination on ``(created_at, id)`` so pages stay stable and cheap. ``secret`` is the
+    webhook secret the cursor key is derived from."""
     key = cursor_key(secret)
     owner, own_subject = caller.owner, caller.subject
     stmt = (
@@ -181,6 +185,8 @@ async def list_videos(
         stmt = stmt.where(Video.subject == subject)
     if status is not None:
         stmt = stmt.where(Video.status == status)
+    if metadata is not None:
+        stmt = stmt.where(_has_pair(session, *metadata))
     if cursor is not None:
         created, vid = decode_cursor(key, owner, cursor, own_subject)
         # Typed binds: a bare datetime would be sent as timestamptz and shifted by the
@@ -191,6 +197,15 @@ async def list_videos(
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (encode_cursor(key, owner, rows[-1], own_subject) if more and rows else None)
+
+
+def _has_pair(session: AsyncSession, key: str, value: str) -> Any:
+    """``metadata[key] == value``. On Postgres as containment (``metadata @> {key: value}``),
+    the one operator the GIN ``jsonb_path_ops`` index ``ix_videos_metadata`` answers; on
+    SQLite with ``json_extract`` (no index: SQLite serves one node's volumes)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return type_coerce(Video.meta, JSONB).contains({key: value})
+    return Video.meta[key].as_string() == value
 
 
 async def notifications_for(

@@ -11,6 +11,7 @@ import pytest
 
 from app.schemas import METADATA_MAX_BYTES
 from tests.conftest import Service, ServiceFactory, Sim
+from tests.test_client_tokens import ALICE, BOB, KEYS, SECRET, auth, mint
 from tests.test_frontend_api import NOTIFY_SECRET, read_events
 from tests.test_notify_delivery import Receiver, receiver  # noqa: F401  (the fixture)
 
@@ -158,3 +159,93 @@ class TestIdempotency:
             assert response.json()["video"]["metadata"] == {"a": "1"}
         assert len(await listed(service)) == 1
         assert (await sim.stats())["tasks_created"] == 1
+
+
+# --- GET /v1/videos?metadata.<key>=<value> ------------------------------------------------
+
+
+async def pages(
+    service: Service, params: dict[str, str], headers: dict[str, str] | None = None
+) -> Any:
+    """Every page of a listing, followed through ``next_cursor``: the ids, page by page."""
+    out: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        query = {**params, **({"cursor": cursor} if cursor else {})}
+        response = await service.client.get("/v1/videos", params=query, headers=headers)
+        assert response.status_code == 200, response.text
+        out.append([v["id"] for v in response.json()["items"]])
+        cursor = response.json()["next_cursor"]
+        if cursor is None:
+            return out
+
+
+class TestFilter:
+    async def test_one_key_filters_and_pages_with_the_cursor(self, service: Service):
+        batches = ["x", "y", "x", None, "x", "y", "x", "x", None, "x", "x"]
+        made: list[tuple[str, str | None]] = []
+        for batch in batches:
+            metadata = {"batch": batch, "user.plan": "pro"} if batch else {"other": "x"}
+            made.append(((await service.submit(metadata=metadata))["id"], batch))
+        newest_first = [vid for vid, batch in reversed(made) if batch == "x"]
+        assert len(newest_first) == 7
+        got = await pages(service, {"metadata.batch": "x", "limit": "3"})
+        assert [len(p) for p in got] == [3, 3, 1]
+        assert [vid for page in got for vid in page] == newest_first
+        # A key with a dot, a value that only a prefix of which is stored, the empty value.
+        both = await pages(service, {"metadata.user.plan": "pro"})
+        assert len(both[0]) == 9
+        assert await pages(service, {"metadata.batch": "xx"}) == [[]]
+        assert await pages(service, {"metadata.batch": ""}) == [[]]
+        assert await pages(service, {"metadata.other": "x", "status": "failed"}) == [[]]
+
+    async def test_values_match_exactly_whatever_they_hold(self, service: Service):
+        odd = 'é "quoted" \\ back, {"json": 1} ✓'
+        wanted = (await service.submit(metadata={"note": odd}))["id"]
+        await service.submit(metadata={"note": odd.upper()})
+        await service.submit(metadata={"Note": odd})  # keys are case-sensitive
+        assert await pages(service, {"metadata.note": odd}) == [[wanted]]
+
+    async def test_subject_and_metadata_together(self, services: ServiceFactory, sim: Sim):
+        service = await services.start(API_KEYS=KEYS, CLIENT_TOKEN_SECRET=SECRET)
+        ann, bea = await mint(service, subject="ann"), await mint(service, subject="bea")
+        made: dict[str, list[str]] = {"ann": [], "bea": [], "key": []}
+        for i in range(5):
+            for who, bearer in (("ann", ann), ("bea", bea), ("key", ALICE)):
+                body = {"image_url": IMAGE, "duration": 3, "metadata": {"round": str(i % 2)}}
+                response = await service.client.post("/v1/videos", json=body, headers=auth(bearer))
+                assert response.status_code == 202, response.text
+                made[who].append(response.json()["id"])
+        ann_round0 = [made["ann"][i] for i in (4, 2, 0)]
+        by_key = await pages(
+            service, {"subject": "ann", "limit": "2", "metadata.round": "0"}, auth(ALICE)
+        )
+        assert by_key == [ann_round0[:2], ann_round0[2:]]
+        # The token lists its own subject's only, with the same filter, page by page.
+        by_token = await pages(service, {"limit": "2", "metadata.round": "0"}, auth(ann))
+        assert by_token == by_key
+        everyone = await pages(service, {"limit": "100", "metadata.round": "0"}, auth(ALICE))
+        assert len(everyone[0]) == 9
+        # Another key's videos never match.
+        assert await pages(service, {"metadata.round": "0"}, auth(BOB)) == [[]]
+
+
+@pytest.mark.parametrize(
+    ("query", "field", "says"),
+    [
+        ("metadata.a=1&metadata.b=2", "metadata", "only one metadata.<key>=<value> filter"),
+        ("metadata.a=1&metadata.a=2", "metadata", "(got metadata.a, metadata.a)"),
+        ("metadata=a", "metadata", "filter on one key as metadata.<key>=<value>"),
+        ("metadata.=a", "metadata", "key '' must be 1 to 40 characters"),
+        ("metadata.a%20b=1", "metadata", "key 'a b' must be 1 to 40 characters"),
+        (f"metadata.{'k' * 41}=1", "metadata", "must be 1 to 40 characters of A-Z"),
+        (f"metadata.k={'v' * 501}", "metadata.k", "at most 500 characters (got 501)"),
+    ],
+)
+async def test_a_bad_filter_is_a_422_naming_it(service: Service, query: str, field: str, says: str):
+    await service.submit(metadata={"a": "1"})
+    response = await service.client.get(f"/v1/videos?{query}")
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "validation_error" and error["field"] == field
+    assert says in error["message"] and error["message"].startswith(f"{field}: ")

@@ -32,7 +32,15 @@ from app.auth import Caller
 from app.errors import AppError, Conflict, NotFound, UpstreamRejected
 from app.limits import require_scope
 from app.models import TERMINAL, Notification, Status, Video
-from app.schemas import FIELD_RULE, ErrorOut, VideoCreate, VideoOut, VideoPage
+from app.schemas import (
+    FIELD_RULE,
+    METADATA_VALUE_MAX,
+    ErrorOut,
+    VideoCreate,
+    VideoOut,
+    VideoPage,
+    metadata_key_problem,
+)
 from app.signing import VideoUrls
 from app.submission import Invalid, OverLimit, Quota
 
@@ -160,14 +168,27 @@ async def create_video(
     "",
     response_model=VideoPage,
     summary="List videos, newest first",
-    description="Only the calling key's videos. Keyset pagination: pass `next_cursor` back.",
+    description=(
+        "Only the calling key's videos. Keyset pagination: pass `next_cursor` back.\n\n"
+        "`metadata.<key>=<value>` (for example `?metadata.order_id=A-1042`) keeps the videos "
+        "whose `metadata` has that key with exactly that value. One such parameter per "
+        "request; it combines with `status`, `subject` and `cursor`."
+    ),
     responses={
         401: ERRORS[401],
         403: ERRORS[403],
-        422: {"model": ErrorOut, "description": "Bad parameter."},
+        422: {
+            "model": ErrorOut,
+            "description": (
+                "Bad parameter: `error.field` names it. A `metadata.<key>` filter with a key "
+                "that is not 1 to 40 characters of `[A-Za-z0-9_.-]`, a value over 500 "
+                "characters, more than one such filter, or `metadata` without a key."
+            ),
+        },
     },
 )
 async def list_videos(
+    request: Request,
     urls: VideoUrlsDep,
     secret: SecretDep,
     session: SessionDep,
@@ -200,6 +221,7 @@ async def list_videos(
     ] = None,
 ) -> VideoPage:
     require_scope(caller, "videos:read")
+    pair = _metadata_filter(request)
     try:
         rows, next_cursor = await repository.list_videos(
             session,
@@ -209,6 +231,7 @@ async def list_videos(
             limit=limit,
             cursor=cursor,
             secret=secret,
+            metadata=pair,
         )
     except repository.BadCursor as exc:  # same 422 shape as any bad query parameter
         raise RequestValidationError(
@@ -218,6 +241,39 @@ async def list_videos(
     return VideoPage(
         items=[to_out(urls, v, notes.get(v.id)) for v in rows], next_cursor=next_cursor
     )
+
+
+def _metadata_filter(request: Request) -> tuple[str, str] | None:
+    """The ``metadata.<key>=<value>`` filter of a list request, or None; 422 if malformed."""
+    given = [
+        (name, value)
+        for name, value in request.query_params.multi_items()
+        if name == "metadata" or name.startswith("metadata.")
+    ]
+    if not given:
+        return None
+    name, value = given[0]
+    field, problem = "metadata", None
+    if len(given) > 1:
+        names = ", ".join(_shown_name(n) for n, _ in given)
+        problem = f"only one metadata.<key>=<value> filter is supported per request (got {names})"
+    elif name == "metadata":
+        problem = (
+            "filter on one key as metadata.<key>=<value>, for example metadata.order_id=A-1042"
+        )
+    else:
+        key = name.removeprefix("metadata.")
+        problem = metadata_key_problem(key)
+        if problem is None and len(value) > METADATA_VALUE_MAX:
+            field = name
+            problem = f"must be at most {METADATA_VALUE_MAX} characters (got {len(value)})"
+        if problem is None:
+            return key, value
+    raise RequestValidationError([{"loc": ("query", field), "msg": problem, "type": "value_error"}])
+
+
+def _shown_name(name: str) -> str:
+    return name if len(name) <= 60 else name[:57] + "..."
 
 
 def _over_limit(refused: OverLimit) -> AppError:
