@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
+from typing import Any
 
 from sqlalchemy import select
 
@@ -27,6 +29,7 @@ from tools.bench.common import (
     Measurement,
     ScenarioResult,
     database,
+    repetition_details,
     run_loadgen,
     service_env,
     uvicorn_server,
@@ -69,16 +72,16 @@ PACED_RATE = 10.0
 
 def run(cfg: BenchConfig) -> ScenarioResult:
     result = ScenarioResult("e2e", "End to end")
-    _pass(cfg, result, rate=PACED_RATE)
-    _pass(cfg, result, rate=0.0)
+    # The paced run (where the target is judged) is repeated; the flood shows queueing only.
+    _report(cfg, result, [_pass(cfg, rate=PACED_RATE, rep=i) for i in range(cfg.reps)])
+    _report(cfg, result, [_pass(cfg, rate=0.0, rep=0)])
     return result
 
 
-def _pass(cfg: BenchConfig, result: ScenarioResult, *, rate: float) -> None:
+def _pass(cfg: BenchConfig, *, rate: float, rep: int) -> dict[str, Any]:
     """One run of ``videos`` submits: paced at ``rate`` per second, or as fast as c=8 allows
     (``rate=0``: the process is saturated and the figure is mostly queueing)."""
-    label = f"paced at {rate:g}/s" if rate else "as fast as c=8 allows"
-    work = cfg.workdir / ("paced" if rate else "flood")
+    work = cfg.workdir / f"{'paced' if rate else 'flood'}-{rep}"
     work.mkdir()
     videos = cfg.count(20, 200)
     db = cfg.databases[0]
@@ -155,52 +158,66 @@ def _pass(cfg: BenchConfig, result: ScenarioResult, *, rate: float) -> None:
     p50, p99 = percentile(stored_ms, 50), percentile(stored_ms, 99)
     assert p50 is not None  # `ready` is not empty
     assert p99 is not None
-    over50, over99 = p50 - raw.p50_ms, p99 - raw.p99_ms
+    return {
+        "rate": rate,
+        "db": db,
+        "raw": raw,
+        "files": len(files),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "overhead_p50_ms": p50 - raw.p50_ms,
+        "overhead_p99_ms": p99 - raw.p99_ms,
+        "submitted": submitted.ok,
+        "ready": len(ready),
+        "terminal": len(done),
+        "relay_cpu_s_per_video": relay_cpu / max(1, len(done)),
+        "wall_s": wall,
+    }
+
+
+def _report(cfg: BenchConfig, result: ScenarioResult, runs: list[dict[str, Any]]) -> None:
+    rate, db = runs[0]["rate"], runs[0]["db"]
+    label = f"paced at {rate:g}/s" if rate else "as fast as c=8 allows"
+    raw_p99 = [r["raw"].p99_ms for r in runs]
+    overhead = [r["overhead_p99_ms"] for r in runs]
     result.rows.append(
-        Measurement(
+        Measurement.repeated(
             "baseline",
-            f"raw transfer of the {len(files)} clips from the simulator, c=1 ({label} run)",
+            f"raw transfer of the {runs[0]['files']} clips from the simulator, c=1 ({label} run)",
             "p99 ms",
-            raw.p99_ms,
+            raw_p99,
             "itself",
-            raw.p99_ms,
+            raw_p99,
             better="lower",
-            details=raw.details(),
+            details=repetition_details([r["raw"] for r in runs]),
         )
     )
-    row = Measurement(
+    details = [{k: v for k, v in r.items() if k != "raw"} for r in runs]
+    median = {k: statistics.median(d[k] for d in details) for k in details[0] if k != "db"}
+    row = Measurement.repeated(
         "subject",
-        f"callback applied → stored and ready, {db}, {len(ready)} videos, submits {label}",
+        f"callback applied → stored and ready, {db}, {runs[0]['ready']} videos, submits {label}",
         "p99 ms",
-        p99,
+        [r["p99_ms"] for r in runs],
         "raw transfer",
-        raw.p99_ms,
+        raw_p99,
         better="lower",
-        details={
-            "p50_ms": p50,
-            "p99_ms": p99,
-            "overhead_p50_ms": over50,
-            "overhead_p99_ms": over99,
-            "submitted": submitted.ok,
-            "submit_rate": rate,
-            "ready": len(ready),
-            "terminal": len(done),
-            "relay_cpu_s_per_video": relay_cpu / max(1, len(done)),
-            "wall_s": wall,
-        },
-    )
-    if rate:
+        details={**median, "repetitions": details},
         # The target is judged at a sustainable rate; flooded, the wait is queueing for CPU.
-        row.target = f"overhead p99 <= {TARGET_OVERHEAD_P99_MS:g} ms"
-        row.met = over99 <= TARGET_OVERHEAD_P99_MS
+        target=f"overhead p99 <= {TARGET_OVERHEAD_P99_MS:g} ms" if rate else None,
+        meets=(lambda i: overhead[i] <= TARGET_OVERHEAD_P99_MS) if rate else None,
+    )
     result.rows.append(row)
     result.notes.append(
-        f"End to end, submits {label}: {submitted.ok} submits at c=8, {len(ready)} stored, "
-        f"{len(done)} terminal after {wall:.1f} s; overhead (stored − raw transfer) p50 "
-        f"{over50:.1f} ms, p99 {over99:.1f} ms; videorelay used "
-        f"{relay_cpu / max(1, len(done)):.3f} CPU s per video (submit, callback, download, "
-        "bookkeeping). The start is when the callback is applied (`task_finished_at`), the "
-        "closest the service sees to hiapi's success."
+        f"End to end, submits {label} ({len(runs)} run{'s' if len(runs) > 1 else ''}, medians): "
+        f"{median['submitted']:.0f} submits at c=8, {median['ready']:.0f} stored, "
+        f"{median['terminal']:.0f} terminal after {median['wall_s']:.1f} s; overhead (stored − "
+        f"raw transfer) p50 {median['overhead_p50_ms']:.1f} ms, p99 "
+        f"{median['overhead_p99_ms']:.1f} ms (runs: "
+        + ", ".join(f"{o:.1f}" for o in overhead)
+        + f" ms); videorelay used {median['relay_cpu_s_per_video']:.3f} CPU s per video "
+        "(submit, callback, download, bookkeeping). The start is when the callback is applied "
+        "(`task_finished_at`), the closest the service sees to hiapi's success."
         + (
             ""
             if rate
