@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --simulate: let the simulator download remote image URLs (default: it "
         "renders a generated frame and reaches no host outside this process)",
     )
+    serve.add_argument(
+        "--render-scale",
+        type=_render_scale,
+        default=None,
+        help="with --simulate: size of the simulator's clips as a share of hiapi's (0 < S <= 1; "
+        "default 1: 720p clips are 720 px high, 1080p clips 1080 px)",
+    )
 
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     admin.add_parser(sub)
@@ -84,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duplicate-rate", type=float, default=0.0, help="share sent 2-3 times")
     sim.add_argument("--url-ttl", type=float, default=3600.0, help="seconds an output URL lives")
     sim.add_argument("--pad-bytes", type=int, default=0, help="grow each MP4 by this many bytes")
+    sim.add_argument(
+        "--render-scale",
+        type=_render_scale,
+        default=1.0,
+        help="clip size as a share of hiapi's (0 < S <= 1; default 1: 720p clips are 720 px "
+        "high; 0.1 makes them 72 px)",
+    )
+    sim.add_argument(
+        "--broken-clip",
+        default=None,
+        metavar="KIND",
+        help="every task succeeds with this kind of broken MP4: truncated, no_moov, moov_at_end, "
+        "wrong_duration or no_video_stream (default: valid clips; PATCH /_sim/config changes it)",
+    )
     sim.add_argument(
         "--fetch-images",
         action=argparse.BooleanOptionalAction,
@@ -156,8 +177,12 @@ def _serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"{problem}: choose a free port, or unset METRICS_PORT")
     if args.simulate:
         return _serve_simulated(args, settings)
-    if args.fetch_images:
-        raise ConfigError("--fetch-images goes with --simulate (it is a simulator setting)")
+    for flag, value in (
+        ("--fetch-images", args.fetch_images),
+        ("--render-scale", args.render_scale),
+    ):
+        if value:
+            raise ConfigError(f"{flag} goes with --simulate (it is a simulator setting)")
     settings.require_production_secrets()
     settings.require_reachable_callbacks()
     if args.migrate:
@@ -225,6 +250,7 @@ def _serve_simulated(args: argparse.Namespace, settings: Settings) -> int:
             latency_seconds=2.0,
             allow_http_image_urls=True,
             fetch_images=args.fetch_images,
+            render_scale=1.0 if args.render_scale is None else args.render_scale,
             # Images uploaded to this service (the playground) are read back from it.
             local_image_prefix=f"{local}/",
         )
@@ -269,12 +295,25 @@ def _simulator(args: argparse.Namespace) -> int:
         duplicate_rate=args.duplicate_rate,
         url_ttl_seconds=args.url_ttl,
         pad_bytes=args.pad_bytes,
+        render_scale=args.render_scale,
+        broken_clip=args.broken_clip,
         fetch_images=args.fetch_images,
         seed=args.seed,
     )
     print(f"hiapi simulator listening on {config.public_base_url}", flush=True)
     uvicorn.run(create_simulator_app(config), host=args.host, port=args.port, log_config=None)
     return 0
+
+
+def _render_scale(text: str) -> float:
+    """``--render-scale``: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:  # also false for nan
+        raise argparse.ArgumentTypeError(f"must be a number above 0 and at most 1, not {text!r}")
+    return value
 
 
 def _log_format() -> str:

@@ -270,8 +270,8 @@ VIDEO_EXAMPLE: dict[str, JsonValue] = {
     "subject": None,
     "task_id": "tk-hiapi-01KW3D",
     "error": None,
-    "size_bytes": 45091,
-    "sha256": "9106a689ea9550df1b44a4a5825a9a0dd022d666807acc54f325d34c69fe383b",
+    "size_bytes": 367150,
+    "sha256": "8aa7a38801b8f2a8a58d9624b5bbdea44739413b76a505ebccd71672068a153a",
     "content_url": "https://relay.example.com/v1/videos/5f0c7d7e-8c1b-4f0e-9a55-1d2b3c4d5e6f"
     "/content?exp=1795887911&sig=q9c1uY0Vh8m2b5JmQk3m4l0bXQ3u8b7yq6QmC0d3N2s",
     "events_url": "https://relay.example.com/v1/videos/5f0c7d7e-8c1b-4f0e-9a55-1d2b3c4d5e6f"

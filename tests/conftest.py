@@ -227,6 +227,7 @@ async def sim() -> AsyncIterator[Sim]:
         public_base_url=f"http://127.0.0.1:{port}",
         latency_seconds=0.05,
         fetch_images=False,
+        render_scale=0.2,  # 720p clips 144 px high: cheap, and the ratios stay hiapi's
         callback_envelope="random",
         seed=1234,
     )

@@ -48,7 +48,10 @@ class LiveService:
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         sim = create_simulator_app(
             SimulatorConfig(
-                public_base_url=f"{self.url}/simulator", latency_seconds=30, fetch_images=False
+                public_base_url=f"{self.url}/simulator",
+                latency_seconds=30,
+                fetch_images=False,
+                render_scale=0.1,
             )
         )
         app_settings = make_settings(

@@ -180,6 +180,7 @@ async def start_simulator(sock: socket.socket) -> RunningServer:
         latency_seconds=30,
         callback_drop_rate=1.0,
         fetch_images=False,
+        render_scale=0.1,
         seed=7,
     )
     server = RunningServer(create_simulator_app(config), sock)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import av
 import httpx
 import pytest
 from alembic import command
@@ -195,6 +197,12 @@ async def test_serve_simulate_turns_an_image_into_a_playable_mp4(tmp_path: Path)
             assert current["status"] == "ready", current
             content = await client.get(f"/v1/videos/{video['id']}/content")
             assert content.status_code == 200 and content.content[4:8] == b"ftyp"
+            # hiapi's size by default: 1080p (the default resolution) is 1080 px high, and
+            # the generated frame shown for an image that is not fetched is 16:9.
+            with av.open(io.BytesIO(content.content), mode="r") as clip:
+                stream = clip.streams.video[0]
+                size = (stream.codec_context.width, stream.codec_context.height)
+                assert (size, clip.duration) == ((1920, 1080), 3_000_000)
     finally:
         child.terminate()
     out = child.output()

@@ -108,7 +108,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sim(work: Path) -> Iterator[ChildServer]:
     """``videorelay simulator`` as a process of its own; knobs change with PATCH /_sim/config."""
-    child = simulator_child(work, "--latency", "0.05")
+    child = simulator_child(work, "--latency", "0.05", "--render-scale", "0.2")
     child.start()
     yield child
     child.terminate()

@@ -259,7 +259,7 @@ async def test_serve_never_logs_a_signature(tmp_path: Path) -> None:
     """``videorelay serve`` at INFO writes uvicorn's access log, path and query included: the
     signature in it is masked."""
     child = ChildServer(
-        videorelay("serve", "--simulate", "--port", "{port}"),
+        videorelay("serve", "--simulate", "--port", "{port}", "--render-scale", "0.2"),
         lambda port: child_env(tmp_path, API_KEYS=f"app:{KEY}", LOG_LEVEL="INFO"),
         cwd=tmp_path,
         log=tmp_path / "serve.log",

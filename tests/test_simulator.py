@@ -112,7 +112,12 @@ def create_body(*, callback: str | None = None, **input_changes: Any) -> dict[st
 
 
 def sim_config(**knobs: Any) -> SimulatorConfig:
-    defaults: dict[str, Any] = {"latency_seconds": 0.05, "fetch_images": False, "seed": 7}
+    defaults: dict[str, Any] = {
+        "latency_seconds": 0.05,
+        "fetch_images": False,
+        "seed": 7,
+        "render_scale": 0.2,
+    }
     return SimulatorConfig(**{**defaults, **knobs})
 
 
@@ -638,7 +643,7 @@ def _image_transport(portrait: bytes) -> httpx.MockTransport:
 
 @pytest.mark.parametrize(
     ("path", "size"),
-    [("/portrait.png", (256, 384)), ("/huge.png", (256, 144)), ("/missing.png", (256, 144))],
+    [("/portrait.png", (96, 144)), ("/huge.png", (256, 144)), ("/missing.png", (256, 144))],
 )
 async def test_output_follows_fetched_image_or_falls_back(path: str, size: tuple[int, int]) -> None:
     async with running_sim(fetch_images=True) as sim:
@@ -710,29 +715,29 @@ def test_config_from_env() -> None:
 def test_render_is_a_small_h264_mp4() -> None:
     # How fast it renders (~0.1 s) is a figure for the bench, not a test threshold.
     render.clear_cache()
-    clip = render.render_mp4(None, resolution="1080p", duration=5)
+    clip = render.render_mp4(None, resolution="1080p", duration=5, scale=0.2)
     assert clip[4:8] == b"ftyp"
-    assert decode_frames(clip) == (5 * render.FPS, 320, 180)
+    assert decode_frames(clip) == (5 * render.FPS, 384, 216)
     with av.open(io.BytesIO(clip), mode="r") as container:
         codec = container.streams.video[0].codec_context
         assert (codec.name, codec.pix_fmt) == ("h264", "yuv420p")
 
 
 def test_render_follows_aspect_ratio_and_survives_garbage() -> None:
-    portrait = render.render_mp4(png(300, 600), resolution="720p", duration=3)
-    garbage = render.render_mp4(b"definitely not an image", resolution="720p", duration=3)
-    assert decode_frames(portrait) == (24, 256, 512)
+    portrait = render.render_mp4(png(300, 600), resolution="720p", duration=3, scale=0.2)
+    garbage = render.render_mp4(b"not an image", resolution="720p", duration=3, scale=0.2)
+    assert decode_frames(portrait) == (24, 72, 144)
     assert decode_frames(garbage) == (24, 256, 144)
 
 
 def test_render_frames_differ_and_cache_reuses_clips() -> None:
     image = png(640, 360)
-    first = render.render_mp4(image, resolution="720p", duration=3)
-    assert render.render_mp4(image, resolution="720p", duration=3) is first
-    assert render.render_mp4(image, resolution="720p", duration=4) is not first
-    with av.open(
-        io.BytesIO(render.render_mp4(None, resolution="720p", duration=3)), mode="r"
-    ) as container:
+    first = render.render_mp4(image, resolution="720p", duration=3, scale=0.2)
+    assert render.render_mp4(image, resolution="720p", duration=3, scale=0.2) is first
+    assert render.render_mp4(image, resolution="720p", duration=4, scale=0.2) is not first
+    assert render.render_mp4(image, resolution="720p", duration=3, scale=0.1) is not first
+    clip = render.render_mp4(None, resolution="720p", duration=3, scale=0.2)
+    with av.open(io.BytesIO(clip), mode="r") as container:
         frames = [bytes(f.planes[0]) for f in container.decode(video=0)]
     assert frames[0] != frames[-1]
 

@@ -175,7 +175,8 @@ async def test_serve_simulate_logs_json_and_fetches_only_its_own_images(
     listener, standing in for https://example.com) is never contacted, while an image uploaded
     to the service itself is read back by the simulator."""
     env = clean_env(tmp_path, LOG_FORMAT="json")
-    async with running(["serve", "--simulate"], cwd=tmp_path, env=env) as (child, client):
+    argv = ["serve", "--simulate", "--render-scale", "0.2"]
+    async with running(argv, cwd=tmp_path, env=env) as (child, client):
         base = child.url
         remote = f"https://127.0.0.1:{counter.port}/still.jpg"
         first = await client.post("/v1/videos", json={"image_url": remote, "duration": 3})
@@ -217,7 +218,7 @@ async def test_serve_simulate_logs_json_and_fetches_only_its_own_images(
 async def test_serve_simulate_with_fetch_images_fetches_remote_images(
     tmp_path: Path, counter: ConnectionCounter
 ) -> None:
-    argv = ["serve", "--simulate", "--fetch-images"]
+    argv = ["serve", "--simulate", "--fetch-images", "--render-scale", "0.2"]
     async with running(argv, cwd=tmp_path, env=clean_env(tmp_path)) as (_, client):
         remote = f"https://127.0.0.1:{counter.port}/still.jpg"
         created = await client.post("/v1/videos", json={"image_url": remote, "duration": 3})
@@ -232,7 +233,7 @@ async def test_serve_simulate_with_fetch_images_fetches_remote_images(
 async def test_standalone_simulator_fetches_no_image_unless_asked(
     tmp_path: Path, counter: ConnectionCounter
 ) -> None:
-    argv = ["simulator", "--latency", "0"]
+    argv = ["simulator", "--latency", "0", "--render-scale", "0.2"]
     env = clean_env(tmp_path)
     async with running(argv, cwd=tmp_path, env=env, path="/_sim/stats") as (_, client):
         body = {

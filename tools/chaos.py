@@ -109,6 +109,7 @@ SIM_FLAGS = {
     "--drop-rate": "0.30",
     "--duplicate-rate": "0.30",
     "--pad-bytes": "600000",
+    "--render-scale": "0.2",  # small clips: the run is about faults, not about clip sizes
 }
 SIM_PATCH: dict[str, Any] = {
     # Longer than HIAPI_TIMEOUT_SECONDS, so the service gives up on the answer: ambiguous.

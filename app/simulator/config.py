@@ -1,23 +1,26 @@
 """The simulator's knobs: one mutable, validated settings object shared by every request.
 
 ``SimulatorConfig`` owns the behaviour switches (latency, failure and fault-injection rates,
-callback shape, file-serving limits). Handlers read it on every request, so a change made
-through ``PATCH /_sim/config`` or by assigning an attribute takes effect immediately.
+broken clips, render size, callback shape, file-serving limits). Handlers read it on every
+request, so a change made through ``PATCH /_sim/config`` or by assigning an attribute takes
+effect immediately.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["CallbackEnvelope", "SimulatorConfig"]
+__all__ = ["BROKEN_CLIPS", "BrokenClip", "CallbackEnvelope", "SimulatorConfig"]
 
 ENV_PREFIX = "HIAPI_SIM_"
 
 CallbackEnvelope = Literal["bare", "wrapped", "random"]
+BrokenClip = Literal["truncated", "no_moov", "moov_at_end", "wrong_duration", "no_video_stream"]
+BROKEN_CLIPS: tuple[BrokenClip, ...] = get_args(BrokenClip)
 
 
 class SimulatorConfig(BaseModel):
@@ -53,6 +56,12 @@ class SimulatorConfig(BaseModel):
     # Real hiapi takes https image URLs only. `serve --simulate` turns this on so images
     # uploaded to a local, plain-http videorelay can be used.
     allow_http_image_urls: bool = False
+    render_scale: float = Field(default=1.0, gt=0, le=1)
+    """Clip size as a share of hiapi's: 1 renders 720p clips 720 px high and 1080p clips 1080
+    px high (width from the image's aspect ratio); 0.1 renders them 72 and 108 px high."""
+    broken_clip: BrokenClip | None = None
+    """Every task created while this is set succeeds with this kind of broken clip (see
+    ``app.simulator.broken``); tasks created before keep theirs. ``None``: valid clips."""
     pad_bytes: int = Field(default=0, ge=0)
     """Append an MP4 ``free`` box of this many bytes (at least 8) to every served file."""
     download_bytes_per_second: float | None = Field(default=None, gt=0)

@@ -59,7 +59,12 @@ async def _produce_clip(state: SimulatorState, task: SimTask) -> bytes:
     if _fetches(state.config, task.image_url):
         image = await fetch_image(state.http_client(), task.image_url)
     return await asyncio.to_thread(
-        render_mp4, image, resolution=task.resolution, duration=task.duration
+        render_mp4,
+        image,
+        resolution=task.resolution,
+        duration=task.duration,
+        scale=state.config.render_scale,
+        broken=task.fate.broken_clip,
     )
 
 

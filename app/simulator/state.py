@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from app.hiapi.schemas import MODEL, TaskStatus
-from app.simulator.config import SimulatorConfig
+from app.simulator.config import BrokenClip, SimulatorConfig
 
 __all__ = [
     "FileRecord",
@@ -60,6 +60,8 @@ class TaskFate:
     fail: bool = False
     drop_callback: bool = False
     callback_copies: int = 1
+    broken_clip: BrokenClip | None = None
+    """The kind of broken clip the task succeeds with (``config.broken_clip`` at creation)."""
 
 
 @dataclass
@@ -175,7 +177,9 @@ class SimulatorState:
         fail = self.roll(cfg.fail_rate)
         drop = self.roll(cfg.callback_drop_rate)
         copies = self.rng.choice((2, 3)) if self.roll(cfg.duplicate_rate) else 1
-        return TaskFate(fail=fail, drop_callback=drop, callback_copies=copies)
+        return TaskFate(
+            fail=fail, drop_callback=drop, callback_copies=copies, broken_clip=cfg.broken_clip
+        )
 
     def new_task(self, body: dict[str, Any]) -> SimTask:
         """Record a task for a validated create body."""
@@ -242,6 +246,7 @@ class SimulatorState:
                         "fail": task.fate.fail,
                         "drop_callback": task.fate.drop_callback,
                         "callback_copies": task.fate.callback_copies,
+                        "broken_clip": task.fate.broken_clip,
                     },
                     "file": None
                     if record is None
