@@ -702,11 +702,15 @@ def test_config_from_env() -> None:
             "HIAPI_SIM_FETCH_IMAGES": "false",
             "HIAPI_SIM_API_KEY": "sk-env",
             "HIAPI_SIM_DOWNLOAD_BYTES_PER_SECOND": "none",
+            "HIAPI_SIM_RENDER_SCALE": "0.25",
+            "HIAPI_SIM_BROKEN_CLIP": "moov_at_end",
             "UNRELATED": "x",
         }
     )
     assert (config.latency_seconds, config.fetch_images, config.api_key) == (0.25, False, "sk-env")
     assert config.download_bytes_per_second is None
+    assert (config.render_scale, config.broken_clip) == (0.25, "moov_at_end")
+    assert SimulatorConfig.from_env({"HIAPI_SIM_BROKEN_CLIP": "none"}).broken_clip is None
 
 
 # -- rendering -----------------------------------------------------------------------------

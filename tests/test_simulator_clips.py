@@ -55,6 +55,17 @@ class Images:
             Image.linear_gradient("L").resize((width, height)).save(buffer, "PNG")
             return Response(buffer.getvalue(), media_type="image/png")
 
+        @api.get("/turned.jpg")
+        async def turned() -> Response:
+            """A JPEG stored 900x600 whose EXIF orientation (6: turn 90 degrees) makes it
+            600x900 on screen, as phone photos are."""
+            self.requests.append("turned")
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            buffer = io.BytesIO()
+            Image.linear_gradient("L").resize((900, 600)).save(buffer, "JPEG", exif=exif)
+            return Response(buffer.getvalue(), media_type="image/jpeg")
+
         return api
 
     def of(self, shape: str) -> str:
@@ -186,6 +197,12 @@ async def test_clip_has_the_resolutions_height_the_images_shape_and_the_duration
     assert got.frames == duration * FPS
     assert abs(got.duration - duration) <= 1 / FPS, got
     assert images.requests == [f"{SHAPES[shape][0]}x{SHAPES[shape][1]}"]
+
+
+async def test_clip_follows_the_image_as_shown_not_as_stored(sim: Sim, images: Images) -> None:
+    sim.set(fetch_images=True, allow_http_image_urls=True)
+    got = probe(await make_clip(sim.url, image_url=f"{images.url}/turned.jpg"))
+    assert (got.width, got.height) == (96, 144)
 
 
 async def test_no_fetch_means_no_request_and_a_16_9_pattern(sim: Sim, images: Images) -> None:
