@@ -8,7 +8,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
 
-__all__ = ["install_http_policies"]
+__all__ = ["RATE_LIMIT_HEADERS", "install_http_policies"]
+
+# The quota of ``POST /v1/videos`` (``app.api.usage``), readable by a browser page via CORS.
+RATE_LIMIT_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
 
 # JSON and MP4 responses never need scripts, frames or plugins. /docs starts Swagger UI with
 # an inline script, so it gets no CSP here.
@@ -87,6 +90,12 @@ def install_http_policies(app: FastAPI, settings: Settings) -> None:
             allow_origins=origins,
             allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Range"],
-            expose_headers=["Idempotent-Replayed", "Content-Range", "Accept-Ranges", "Retry-After"],
+            expose_headers=[
+                "Idempotent-Replayed",
+                "Content-Range",
+                "Accept-Ranges",
+                "Retry-After",
+                *RATE_LIMIT_HEADERS,
+            ],
             max_age=600,
         )

@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 
 from app import __version__
-from app.api import client_tokens, health, images, playground, videos, webhooks
+from app.api import client_tokens, health, images, playground, usage, videos, webhooks
 from app.config import Settings
 from app.context import open_context
 from app.db import create_engine, create_sessionmaker, utc_now
@@ -151,6 +151,7 @@ def create_app(
     app.include_router(images.router)
     app.include_router(images.public_router)
     app.include_router(client_tokens.router)
+    app.include_router(usage.router)
     app.include_router(health.router)
     app.include_router(playground.router)
     app.mount("/static", playground.static_files(), name="static")

@@ -25,6 +25,8 @@ __all__ = [
     "METADATA_MAX_KEYS",
     "METADATA_VALUE_MAX",
     "ErrorOut",
+    "QuotaOut",
+    "UsageOut",
     "ImageOut",
     "NotifyOut",
     "VideoCreate",
@@ -442,6 +444,73 @@ class VideoPage(BaseModel):
     items: list[VideoOut]
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null at the end."
+    )
+
+
+class QuotaOut(BaseModel):
+    scope: Literal["key", "subject", "token"] = Field(
+        description=(
+            "`key`: the API key's `DAILY_VIDEO_SECONDS_LIMIT` (shared by all its end users); "
+            "`subject`: this end user's `DAILY_VIDEO_SECONDS_PER_SUBJECT`; `token`: this "
+            "client token's `max_video_seconds`, over its life."
+        )
+    )
+    used_video_seconds: int
+    limit_video_seconds: int
+    remaining_video_seconds: int
+    resets_at: datetime | None = Field(
+        description="Next midnight UTC for a day's quota; null for a token's cap (never resets)."
+    )
+    expires_at: datetime | None = Field(
+        description="For a token's cap, when the token expires (a new token has its own cap)."
+    )
+
+
+class UsageOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "day": "2026-12-07",
+                    "scope": "subject",
+                    "used_video_seconds": 25,
+                    "limit_video_seconds": 30,
+                    "remaining_video_seconds": 5,
+                    "resets_at": "2026-12-08T00:00:00Z",
+                    "limits": [
+                        {
+                            "scope": "key",
+                            "used_video_seconds": 840,
+                            "limit_video_seconds": 3600,
+                            "remaining_video_seconds": 2760,
+                            "resets_at": "2026-12-08T00:00:00Z",
+                            "expires_at": None,
+                        },
+                        {
+                            "scope": "subject",
+                            "used_video_seconds": 25,
+                            "limit_video_seconds": 30,
+                            "remaining_video_seconds": 5,
+                            "resets_at": "2026-12-08T00:00:00Z",
+                            "expires_at": None,
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+    day: str = Field(description="Today, UTC (`YYYY-MM-DD`): the day the daily quotas count.")
+    scope: Literal["key", "subject", "token"] | None = Field(
+        description="Which of `limits` the top-level figures are: the one with the fewest "
+        "seconds left. Null when no limit applies."
+    )
+    used_video_seconds: int | None
+    limit_video_seconds: int | None = Field(description="Null when no limit applies.")
+    remaining_video_seconds: int | None
+    resets_at: datetime | None
+    limits: list[QuotaOut] = Field(
+        description="Every limit that applies to the caller (key, subject, token order). A "
+        "limit that is not configured is left out: nothing is counted against it."
     )
 
 

@@ -11,14 +11,19 @@ transaction commits; SQLite runs one writer at a time. A refused reservation ret
 and the caller rolls the whole transaction back, the reservations already made included.
 Every submit takes its rows in the same order (key, subject, token), so two cannot deadlock.
 
+``quota_uses`` reads the same rows back for ``GET /v1/usage``: a quota without a limit is not
+counted (nothing is reserved for it), so it is not reported either.
+
 Rows that can never be charged again (days older than the day before yesterday, tokens expired
 more than a day ago) are deleted by ``purge_spend``, a bounded batch per reconciler tick.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, Literal
 
 from sqlalchemy import case, delete, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -27,17 +32,78 @@ from app.db import dialect_insert
 from app.models import DailySpend, SubjectSpend, TokenSpend
 
 __all__ = [
+    "QuotaUse",
+    "day_resets_at",
     "purge_spend",
+    "quota_uses",
     "refund_spend",
     "reserve_spend",
     "reserve_subject_spend",
     "reserve_token_spend",
     "spent",
     "subject_spent",
+    "tightest",
     "token_spent",
 ]
 
 _Table = type[DailySpend] | type[SubjectSpend] | type[TokenSpend]
+Scope = Literal["key", "subject", "token"]
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaUse:
+    """One quota of a caller: ``used`` of ``limit`` video-seconds. A day's quota resets at
+    ``resets_at``; a token's cap never resets (None) and ends when the token does."""
+
+    scope: Scope
+    used: int
+    limit: int
+    resets_at: datetime | None = None
+    expires_at: datetime | None = None  # the token's, for a token's cap
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used)
+
+
+def day_resets_at(now: datetime) -> datetime:
+    """When today's (UTC) quotas reset: the next midnight UTC."""
+    return datetime.combine(now.astimezone(UTC).date() + timedelta(days=1), time(), tzinfo=UTC)
+
+
+def tightest(quotas: Sequence[QuotaUse]) -> QuotaUse | None:
+    """The quota with the fewest seconds left (the first of equals, in key, subject, token
+    order), or None when no quota applies."""
+    return min(quotas, key=lambda q: q.remaining, default=None)
+
+
+async def quota_uses(
+    session: AsyncSession,
+    *,
+    owner: str,
+    subject: str | None,
+    token_id: str | None,
+    token_expires_at: datetime | None,
+    cap: int | None,
+    now: datetime,
+    daily_limit: int,
+    subject_daily_limit: int,
+) -> list[QuotaUse]:
+    """Each quota that applies to a caller, as it stands: the key's day
+    (``daily_limit``), a client token's subject's day (``subject_daily_limit``) and the
+    token's cap. A limit of 0 (or no cap) applies to nothing, so it is left out."""
+    day, resets = now.astimezone(UTC).date(), day_resets_at(now)
+    uses: list[QuotaUse] = []
+    if daily_limit:
+        used = await spent(session, owner=owner, day=day)
+        uses.append(QuotaUse("key", used, daily_limit, resets))
+    if subject is not None and subject_daily_limit:
+        used = await subject_spent(session, owner=owner, subject=subject, day=day)
+        uses.append(QuotaUse("subject", used, subject_daily_limit, resets))
+    if token_id is not None and cap is not None:
+        used = await token_spent(session, token_id=token_id)
+        uses.append(QuotaUse("token", used, cap, expires_at=token_expires_at))
+    return uses
 
 
 async def _reserve(

@@ -30,6 +30,7 @@ from app.jobs.submitter import Submitter
 from app.metrics import METRICS
 from app.models import Video
 from app.schemas import VideoCreate, notify_url_problem
+from app.spend import QuotaUse, day_resets_at
 
 __all__ = ["Invalid", "OverLimit", "Quota", "Submission", "Submitted"]
 
@@ -55,10 +56,18 @@ class Quota(StrEnum):
 
 
 class OverLimit(Exception):
-    """The video would take the caller past one of its quotas (``quota``)."""
+    """The video would take the caller past one of its quotas (``quota``); ``use`` is that
+    quota as it stands."""
 
     def __init__(
-        self, *, now: datetime, used: int, limit: int, asked: int, quota: Quota = Quota.key
+        self,
+        *,
+        now: datetime,
+        used: int,
+        limit: int,
+        asked: int,
+        quota: Quota = Quota.key,
+        expires_at: datetime | None = None,
     ) -> None:
         super().__init__(f"{quota} limit reached: {used} of {limit} used, {asked} asked")
         self.now = now
@@ -66,6 +75,8 @@ class OverLimit(Exception):
         self.limit = limit
         self.asked = asked
         self.quota = quota
+        resets = None if quota == Quota.token else day_resets_at(now)
+        self.use = QuotaUse(quota.value, used, limit, resets, expires_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +84,7 @@ class Submitted:
     created: lifecycle.Created  # created, or an Idempotency-Key's replay or conflict
     video: Video
     rejected: HiapiRejected | None = None  # hiapi refused the task: the video is failed
+    quotas: tuple[QuotaUse, ...] = ()  # each quota charged, as it stands after the charge
 
 
 class Submission:
@@ -104,6 +116,7 @@ class Submission:
         idempotency_key: str | None,
     ) -> Submitted:
         now = self._clock()
+        quotas: list[QuotaUse] = []
         async with session.begin():
             params = await self._resolve(session, body, caller=caller)
             video, created = await lifecycle.create_video(
@@ -117,60 +130,80 @@ class Submission:
                 submit_hold=self._submitter.policy.in_flight_hold,
             )
             if created == lifecycle.Created.created:
-                await self._charge(session, caller=caller, now=now, seconds=body.duration)
+                quotas = await self._charge(session, caller=caller, now=now, seconds=body.duration)
         if created != lifecycle.Created.created:
             METRICS.submits.labels(created.value).inc()
             return Submitted(created, video)
         result = await self._submitter.submit(video)
-        return Submitted(created, result.video or video, rejected=result.rejected)
+        return Submitted(
+            created, result.video or video, rejected=result.rejected, quotas=tuple(quotas)
+        )
+
+    async def usage(self, session: AsyncSession, *, caller: Caller) -> list[QuotaUse]:
+        """Each quota that applies to ``caller``, as it stands now (``GET /v1/usage``)."""
+        return await spend.quota_uses(
+            session,
+            owner=caller.owner,
+            subject=caller.subject,
+            token_id=caller.token_id,
+            token_expires_at=caller.token_expires_at,
+            cap=caller.cap,
+            now=self._clock(),
+            daily_limit=self._daily_limit,
+            subject_daily_limit=self._subject_daily_limit,
+        )
 
     async def _charge(
         self, session: AsyncSession, *, caller: Caller, now: datetime, seconds: int
-    ) -> None:
-        """Reserve the video's seconds on each quota that applies. A refusal is raised inside
-        the transaction: the video row and every reservation roll back, nothing is sent."""
+    ) -> list[QuotaUse]:
+        """Reserve the video's seconds on each quota that applies; return each as it stands
+        after. A refusal is raised inside the transaction: the video row and every
+        reservation roll back, nothing is sent."""
         day = now.date()
         owner = caller.owner
+        resets = day_resets_at(now)
+        charged: list[QuotaUse] = []
 
         def over(quota: Quota, used: int, limit: int) -> OverLimit:
             METRICS.submits.labels("over_limit").inc()
-            return OverLimit(now=now, used=used, limit=limit, asked=seconds, quota=quota)
+            expires = caller.token_expires_at if quota == Quota.token else None
+            return OverLimit(
+                now=now, used=used, limit=limit, asked=seconds, quota=quota, expires_at=expires
+            )
 
         if self._daily_limit:
             limit = self._daily_limit
-            if (
-                await spend.reserve_spend(
-                    session, owner=owner, day=day, seconds=seconds, limit=limit
-                )
-                is None
-            ):
+            total = await spend.reserve_spend(
+                session, owner=owner, day=day, seconds=seconds, limit=limit
+            )
+            if total is None:
                 used = await spend.spent(session, owner=owner, day=day)
                 raise over(Quota.key, used, limit)
+            charged.append(QuotaUse("key", total, limit, resets))
         if caller.subject is not None and self._subject_daily_limit:
             limit, subject = self._subject_daily_limit, caller.subject
-            if (
-                await spend.reserve_subject_spend(
-                    session, owner=owner, subject=subject, day=day, seconds=seconds, limit=limit
-                )
-                is None
-            ):
+            total = await spend.reserve_subject_spend(
+                session, owner=owner, subject=subject, day=day, seconds=seconds, limit=limit
+            )
+            if total is None:
                 used = await spend.subject_spent(session, owner=owner, subject=subject, day=day)
                 raise over(Quota.subject, used, limit)
+            charged.append(QuotaUse("subject", total, limit, resets))
         if caller.token_id is not None and caller.cap is not None:
             assert caller.token_expires_at is not None  # a token's caller carries its expiry
             token_id = caller.token_id
-            if (
-                await spend.reserve_token_spend(
-                    session,
-                    token_id=token_id,
-                    expires_at=caller.token_expires_at,
-                    seconds=seconds,
-                    cap=caller.cap,
-                )
-                is None
-            ):
+            total = await spend.reserve_token_spend(
+                session,
+                token_id=token_id,
+                expires_at=caller.token_expires_at,
+                seconds=seconds,
+                cap=caller.cap,
+            )
+            if total is None:
                 used = await spend.token_spent(session, token_id=token_id)
                 raise over(Quota.token, used, caller.cap)
+            charged.append(QuotaUse("token", total, caller.cap, expires_at=caller.token_expires_at))
+        return charged
 
     async def _resolve(
         self, session: AsyncSession, body: VideoCreate, *, caller: Caller

@@ -4,7 +4,9 @@ stream that holds one of its caller's stream slots for exactly as long as it is 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncGenerator
+from datetime import datetime
 from typing import Any
 
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -12,9 +14,23 @@ from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
 from app.errors import error_body
+from app.spend import QuotaUse
 from app.streams import StreamSlots
 
-__all__ = ["ClipResponse", "EventStreamResponse"]
+__all__ = ["ClipResponse", "EventStreamResponse", "rate_limit_headers"]
+
+
+def rate_limit_headers(quota: QuotaUse | None, now: datetime) -> dict[str, str]:
+    """``RateLimit-Limit``, ``-Remaining`` and ``-Reset`` (seconds) of ``quota``; none when
+    no quota applies. A token's cap never resets: its ``Reset`` is when the token expires."""
+    if quota is None:
+        return {}
+    ends = quota.resets_at or quota.expires_at
+    headers = {"RateLimit-Limit": str(quota.limit), "RateLimit-Remaining": str(quota.remaining)}
+    if ends is not None:
+        headers["RateLimit-Reset"] = str(max(0, math.ceil((ends - now).total_seconds())))
+    return headers
+
 
 RANGE_FORMS = "use bytes=START-END, bytes=START- or bytes=-LENGTH (in bytes, counted from 0)"
 

@@ -17,6 +17,7 @@ from app import lifecycle, repository
 from app.api.deps import (
     ApiKeysDep,
     CallerDep,
+    ClockDep,
     EventStreamsDep,
     SecretDep,
     SessionDep,
@@ -27,7 +28,7 @@ from app.api.deps import (
     SubmissionDep,
     VideoUrlsDep,
 )
-from app.api.responses import ClipResponse, EventStreamResponse
+from app.api.responses import ClipResponse, EventStreamResponse, rate_limit_headers
 from app.auth import Caller
 from app.errors import AppError, Conflict, NotFound, UpstreamRejected
 from app.limits import require_scope
@@ -42,6 +43,7 @@ from app.schemas import (
     metadata_key_problem,
 )
 from app.signing import VideoUrls
+from app.spend import tightest
 from app.submission import Invalid, OverLimit, Quota
 
 __all__ = ["router", "to_out"]
@@ -75,6 +77,22 @@ SIGNED_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+RATE_LIMIT_DOCS: dict[str, Any] = {
+    "RateLimit-Limit": {
+        "description": "Video-seconds of the limit (only when a limit applies).",
+        "schema": {"type": "integer"},
+    },
+    "RateLimit-Remaining": {
+        "description": "Video-seconds left of it.",
+        "schema": {"type": "integer"},
+    },
+    "RateLimit-Reset": {
+        "description": "Seconds until it resets (a token's cap: until the token expires).",
+        "schema": {"type": "integer"},
+    },
+}
+
+
 def to_out(urls: VideoUrls, video: Video, notification: Notification | None = None) -> VideoOut:
     return VideoOut.of(video, urls=urls, notification=notification)
 
@@ -89,8 +107,14 @@ def to_out(urls: VideoUrls, video: Video, notification: Notification | None = No
         "(with a callback to this service) and answers at once. If hiapi is unreachable the "
         "video stays `queued` and is submitted again later. With an `Idempotency-Key`, a "
         "retried request returns the first video (200) instead of creating and paying for another."
+        "\n\nWhen a video-seconds limit applies (see `GET /v1/usage`), the `202` and the "
+        "`429` carry `RateLimit-Limit`, `RateLimit-Remaining` (after this video, on a `202`) "
+        "and `RateLimit-Reset` (seconds until the next midnight UTC; for a client token's "
+        "`max_video_seconds`, until the token expires) of the limit with the fewest seconds "
+        "left, or on a `429` of the limit that refused it."
     ),
     responses={
+        202: {"headers": RATE_LIMIT_DOCS},
         200: {
             "model": VideoOut,
             "description": "Replay of an earlier request with the same Idempotency-Key.",
@@ -113,6 +137,7 @@ def to_out(urls: VideoUrls, video: Video, notification: Notification | None = No
                 "end user (`subject_daily_limit_exceeded`) reached, see `resets_at`; or the "
                 "client token's `max_video_seconds` (`token_limit_exceeded`)."
             ),
+            "headers": RATE_LIMIT_DOCS,
         },
         502: {"model": ErrorOut, "description": "hiapi rejected the task; the video is `failed`."},
     },
@@ -123,6 +148,7 @@ async def create_video(
     submission: SubmissionDep,
     session: SessionDep,
     caller: CallerDep,
+    clock: ClockDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -161,6 +187,7 @@ async def create_video(
             f"{result.rejected.message}",
             extra={"video": to_out(urls, result.video)},
         )
+    response.headers.update(rate_limit_headers(tightest(result.quotas), clock()))
     return to_out(urls, result.video)
 
 
@@ -286,6 +313,7 @@ def _over_limit(refused: OverLimit) -> AppError:
             "ask your backend for a new token",
             code="token_limit_exceeded",
             status_code=429,
+            headers=rate_limit_headers(refused.use, now),
         )
     resets = datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=UTC)
     per_subject = refused.quota == Quota.subject
@@ -301,7 +329,10 @@ def _over_limit(refused: OverLimit) -> AppError:
         code="subject_daily_limit_exceeded" if per_subject else "daily_limit_exceeded",
         status_code=429,
         extra={"resets_at": resets},
-        headers={"Retry-After": str(max(1, int((resets - now).total_seconds())))},
+        headers={
+            "Retry-After": str(max(1, int((resets - now).total_seconds()))),
+            **rate_limit_headers(refused.use, now),
+        },
     )
 
 
