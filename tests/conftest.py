@@ -10,13 +10,17 @@ Postgres-parametrised test; locally those tests are skipped.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -373,6 +377,17 @@ def free_port() -> int:
 _BIND_FAILED = ("address already in use", "error while attempting to bind")
 
 
+_RUNNING: weakref.WeakSet[ChildServer] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftover_children() -> None:
+    """A test that failed before stopping its child (or a run cut short) leaves no process."""
+    for child in list(_RUNNING):
+        if child.proc is not None and child.proc.poll() is None:
+            child.kill()
+
+
 class ChildServer:
     """A real child process that serves HTTP (``videorelay serve``, ``videorelay simulator``).
 
@@ -418,13 +433,17 @@ class ChildServer:
             self.log.touch()
             self._log_start = self.log.stat().st_size
             with self.log.open("ab") as out:  # the child keeps its own copy of the fd
+                # Its own process group: ``kill`` reaches the workers of ``serve --workers N``
+                # too, which a SIGKILL of the supervisor alone would leave running.
                 self.proc = subprocess.Popen(
                     self._argv(self.port),
                     env=self._env(self.port),
                     cwd=self.cwd,
                     stdout=out,
                     stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
+            _RUNNING.add(self)
             if self._wait_up(timeout):
                 return
             text = self.output()
@@ -469,8 +488,10 @@ class ChildServer:
         return code
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        """SIGKILL the child and every process it started (its process group)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
     def terminate(self, timeout: float = 30.0) -> int:
