@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile, status
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
 from app import images
 from app.api.deps import CallerDep, ClockDep, ImagesRootDep, SessionDep, SettingsDep
@@ -106,17 +107,28 @@ async def upload_image(
 
 @public_router.get(
     "/i/{name}",
-    response_class=FileResponse,
+    response_class=Response,
     summary="An uploaded image, by its unguessable name",
     description="Public on purpose: hiapi fetches the still from here. No listing exists.",
     responses={404: {"model": ErrorOut, "description": "Unknown or deleted image."}},
 )
-async def public_image(name: str, images_root: ImagesRootDep, session: SessionDep) -> FileResponse:
+async def public_image(name: str, images_root: ImagesRootDep, session: SessionDep) -> Response:
     token, _, extension = name.rpartition(".")
     image = await images.by_token(session, token) if token else None
     if image is None or image.extension != extension:
         raise NotFound("no such image")
     path = images.image_path(images_root, image.token, image.extension)
-    if not await asyncio.to_thread(path.is_file):
+    # Read whole (at most IMAGE_MAX_BYTES) rather than streamed from the path: the retention
+    # sweep may remove the file at any moment, and a file that vanished between the check and
+    # the send would be a 500 and a cut connection instead of this 404.
+    data = await asyncio.to_thread(_read_or_none, path)
+    if data is None:
         raise NotFound("no such image")
-    return FileResponse(path, media_type=image.content_type)
+    return Response(data, media_type=image.content_type)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
