@@ -36,6 +36,7 @@ from starlette.applications import Starlette
 from app import lifecycle, repository
 from app.auth import ApiKeys
 from app.config import Settings
+from app.deletion import Deleter
 from app.group_commit import GroupCommit
 from app.hiapi.client import HiapiClient
 from app.intake import Intake
@@ -75,6 +76,7 @@ class AppContext:
     video_urls: VideoUrls  # a video's content_url and events_url: signed when keys are on
     client_tokens: ClientTokens | None  # CLIENT_TOKEN_SECRET unset: no client tokens
     storage: Storage  # the clips
+    deleter: Deleter  # DELETE /v1/videos/{id}
     images_root: Path  # uploaded stills: on STORAGE_DIR, whatever the clip store
     intake: Intake
     submission: Submission
@@ -206,6 +208,7 @@ async def open_context(
             callback_url=functools.partial(callback_url, settings.public_base, secret),
         )
         images_root = settings.STORAGE_DIR.resolve()
+        deleter = Deleter(sessionmaker=sessionmaker, storage=storage, clock=clock)
         api_keys = ApiKeys.load(settings.API_KEYS.get_secret_value(), settings.API_KEYS_FILE)
         url_signer = UrlSigner(secret, ttl=settings.SIGNED_URL_TTL_SECONDS, clock=clock)
         video_urls = VideoUrls(settings.public_base, None if api_keys.open else url_signer)
@@ -232,6 +235,7 @@ async def open_context(
             video_urls=video_urls,
             client_tokens=settings.client_tokens,
             storage=storage,
+            deleter=deleter,
             images_root=images_root,
             intake=intake,
             submission=Submission(
@@ -259,6 +263,7 @@ async def open_context(
                 ),
                 images_root=images_root,
                 image_retention=timedelta(seconds=settings.IMAGE_RETENTION_SECONDS),
+                deleter=deleter,
             ),
             notifier=Notifier(
                 sessionmaker=sessionmaker,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import DateTime, TextualSelect, bindparam, event, select, text, update
+from sqlalchemy import DateTime, TextualSelect, and_, bindparam, event, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
@@ -201,19 +201,23 @@ async def claim_due_rows(
     hold: timedelta,
     owner: str,
     limit: int,
+    where: Any = None,
     **values: Any,
 ) -> list[_Claimed]:
     """The one claim statement, for any mapped table with ``id``, ``status``, ``due_at`` and
-    ``lease_owner`` (videos and notifications).
+    ``lease_owner`` (videos and notifications); ``where`` narrows the rows further.
 
     The inner SELECT skips rows another replica has locked (Postgres); the UPDATE pushes
     ``due_at`` forward so nobody else picks them up until ``hold`` passes. SQLite serializes
     writers, so the same statement is safe there without SKIP LOCKED.
     """
     table: Any = model  # a mapped class with the four columns above
+    due_now = and_(table.status == status, table.due_at <= now)
+    if where is not None:
+        due_now = and_(due_now, where)
     due = (
         select(table.id)
-        .where(table.status == status, table.due_at <= now)
+        .where(due_now)
         .order_by(table.due_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -221,7 +225,7 @@ async def claim_due_rows(
     )
     stmt = (
         update(table)
-        .where(table.id.in_(due), table.status == status, table.due_at <= now)
+        .where(table.id.in_(due), due_now)
         .values(due_at=now + hold, lease_owner=owner, **values)
         .returning(table)
     )

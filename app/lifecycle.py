@@ -13,6 +13,13 @@ State machine::
       ├──create rejected──▶ failed ◀──task fail──────────┤◀── expired / bad file
       └──create 5xx/timeout: stays queued, due_at = next try
 
+    any of them ──DELETE──▶ deleted (final)
+
+A deleted video is a tombstone: every other transition is guarded by a status it no longer
+has, so a late callback, poll, submit result or download finds it and changes nothing. While
+its ``storage_key`` or ``poster_key`` is set, files may remain to be removed (``app.deletion``
+removes them, and the reconciler retries at ``due_at`` if that failed).
+
 A one-off change is an ORM ``UPDATE ... RETURNING``. The statements of the submit path and of
 a task's result run on every request and callback, so they are built once: Core statements,
 and for a task's result a ``db.BulkStatement`` that takes one report or a whole batch of the
@@ -33,28 +40,34 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import String, Table, Text, Uuid, and_, bindparam, insert, select, update
+from sqlalchemy import String, Table, Text, Uuid, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import TypeEngine
 
 from app.db import BulkStatement, UTCDateTime, claim_due_rows, dialect_insert
 from app.hiapi.schemas import Task, TaskStatus
 from app.models import Status, Via, Video
-from app.outbox import queue_notification
+from app.outbox import drop_pending, queue_notification
 from app.spend import refund_spend
 
 __all__ = [
+    "FIRST_SUBMIT",
     "ApplyOutcome",
     "Created",
+    "Deletion",
     "NewVideo",
     "TaskReport",
     "apply_reports",
     "apply_task",
     "claim_download",
     "claim_due",
+    "claim_removals",
     "create_video",
+    "delete_video",
     "fail_download",
     "fail_processing",
+    "files_removed",
+    "files_to_remove",
     "mark_ready",
     "record_poll_pending",
     "record_submit_rejected",
@@ -102,6 +115,11 @@ class TaskReport:
     task: Task
     via: Via
     owner: str | None  # None: no download slot is free here; a success is queued, not claimed
+
+
+# The lease of a new video's first submit attempt, which the request that created it makes:
+# until ``due_at`` passes, a create call may be in flight for it (``delete_video``).
+FIRST_SUBMIT = "first-submit"
 
 
 # --- statements built once ---------------------------------------------------------------
@@ -253,6 +271,7 @@ async def create_video(
         "token_id": token_id,
         "idempotency_key": idempotency_key,
         "due_at": now + submit_hold,
+        "lease_owner": FIRST_SUBMIT,
         "created_at": now,
         "updated_at": now,
         "submit_attempts": 0,
@@ -319,6 +338,18 @@ async def _finish(session: AsyncSession, where: Any, now: datetime, **values: An
     return video
 
 
+async def _refund(session: AsyncSession, video: Video) -> None:
+    """Give a video's seconds back to every quota it was charged to: hiapi never billed it."""
+    await refund_spend(
+        session,
+        owner=video.owner,
+        day=video.created_at.date(),
+        seconds=video.duration,
+        subject=video.subject,
+        token_id=video.token_id,
+    )
+
+
 async def record_submit_success(
     session: AsyncSession,
     *,
@@ -353,14 +384,7 @@ async def record_submit_rejected(
         updated_at=now,
     )
     if failed is not None:
-        await refund_spend(
-            session,
-            owner=failed.owner,
-            day=failed.created_at.date(),
-            seconds=failed.duration,
-            subject=failed.subject,
-            token_id=failed.token_id,
-        )
+        await _refund(session, failed)
     return failed
 
 
@@ -728,3 +752,115 @@ async def fail_download(
         lease_owner=None,
         updated_at=now,
     )
+
+
+# --- deletion ----------------------------------------------------------------------------
+
+# The ``due_at`` of a tombstone with no files left: nobody is ever due to act on it, so the
+# removal sweep's index range (status 'deleted', due_at <= now) holds only pending removals.
+NEVER = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    video: Video  # the tombstone
+    refunded: bool  # it was queued and no create call can have reached hiapi: seconds given back
+
+
+def _tombstone(now: datetime, retry_at: datetime) -> dict[str, Any]:
+    """What every deletion writes. ``retry_at``: when the reconciler removes the files if the
+    deleter's own removal right after the commit did not."""
+    return {
+        "status": Status.deleted,
+        "deleted_at": now,
+        "output_url": None,
+        "output_expires_at": None,
+        "lease_owner": None,
+        "due_at": retry_at,
+        "updated_at": now,
+    }
+
+
+async def delete_video(
+    session: AsyncSession,
+    *,
+    video_id: uuid.UUID,
+    storage_key: str,
+    now: datetime,
+    retry_at: datetime,
+) -> Deletion | None:
+    """Delete a video in any state but ``deleted``; None if there is no such video or it is
+    already deleted (this call lost the race to another deletion).
+
+    ``storage_key`` is where the video's clip is (or would be) stored: it is kept on the
+    tombstone even when no clip was stored yet, so a download in flight that commits its file
+    before it notices finds the key listed for removal.
+
+    A queued video no create call can be in flight for (never claimed, or its claim's hold ran
+    out, and no earlier attempt ended ambiguously) gets its seconds back on every quota: the
+    submit claims (``claim_due``, the first attempt's ``FIRST_SUBMIT`` lease) only take queued
+    rows, so once this commits no task is ever created for it. Any other deletion may leave a
+    task that hiapi bills (a create in flight, or a task already running: it can't be
+    cancelled upstream), and refunds nothing.
+    """
+    values = {
+        **_tombstone(now, retry_at),
+        "storage_key": func.coalesce(Video.storage_key, storage_key),
+    }
+    never_sent = and_(
+        _no_task_yet(video_id),
+        Video.ambiguous_submits == 0,
+        or_(Video.lease_owner.is_(None), Video.due_at <= now),
+    )
+    video = await _update_returning(session, never_sent, **values)
+    refunded = video is not None
+    if video is not None:
+        await _refund(session, video)
+    else:
+        video = await _update_returning(
+            session, and_(Video.id == video_id, Video.status != Status.deleted), **values
+        )
+    if video is None:
+        return None
+    await drop_pending(session, [video.id], now=now)
+    return Deletion(video, refunded)
+
+
+async def claim_removals(
+    session: AsyncSession, *, now: datetime, hold: timedelta, owner: str, limit: int
+) -> list[Video]:
+    """Take up to ``limit`` tombstones whose files are still listed and whose removal is due
+    (the deleter's own attempt failed, or its process died before it)."""
+    return await claim_due_rows(
+        session,
+        Video,
+        status=Status.deleted,
+        now=now,
+        hold=hold,
+        owner=owner,
+        limit=limit,
+        where=or_(Video.storage_key.is_not(None), Video.poster_key.is_not(None)),
+    )
+
+
+async def files_removed(session: AsyncSession, *, video_id: uuid.UUID) -> None:
+    """The tombstone's files are gone from storage: nothing is left to do for it."""
+    await session.execute(
+        update(Video)
+        .where(Video.id == video_id, Video.status == Status.deleted)
+        .values(storage_key=None, poster_key=None, lease_owner=None, due_at=NEVER)
+    )
+
+
+async def files_to_remove(
+    session: AsyncSession, *, video_id: uuid.UUID, storage_key: str, now: datetime
+) -> bool:
+    """List ``storage_key`` for removal on a deleted video's tombstone (a download committed
+    its clip after the deletion and could not remove it itself); False if not deleted."""
+    row = await _update_returning(
+        session,
+        and_(Video.id == video_id, Video.status == Status.deleted),
+        storage_key=storage_key,
+        due_at=now,
+    )
+    return row is not None

@@ -86,7 +86,8 @@ class Metrics:
         )
         self.downloads = Counter(
             "videorelay_downloads",
-            "Download attempts by outcome (ready, retry, stopped, or the failure code).",
+            "Download attempts by outcome (ready, retry, stopped, deleted: the video was deleted "
+            "while its clip was being stored, or the failure code).",
             ["outcome"],
             registry=registry,
         )
@@ -116,6 +117,21 @@ class Metrics:
             "videorelay_notifications",
             "notify_url delivery attempts by outcome.",
             ["outcome"],
+            registry=registry,
+        )
+        self.deleted = Counter(
+            "videorelay_videos_deleted",
+            "Videos deleted, by reason (api: DELETE /v1/videos/{id}; retention: "
+            "VIDEO_RETENTION_SECONDS).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("api", "retention"):
+            self.deleted.labels(reason)  # shown from the start, at 0
+        self.deleted_files_kept = Counter(
+            "videorelay_deleted_files_kept",
+            "Removals of a deleted video's files that failed (the store was down); the "
+            "reconciler tries again.",
             registry=registry,
         )
         self.videos = Gauge(

@@ -56,16 +56,18 @@ class Base(DeclarativeBase):
 
 
 class Status(StrEnum):
-    """A video's state. ``ready`` and ``failed`` are terminal."""
+    """A video's state. ``ready`` and ``failed`` end the work; ``deleted`` (a tombstone kept so
+    a late callback or poll finds the row and does nothing) is final: no transition leaves it."""
 
     queued = "queued"  # stored; the hiapi task is not created yet (or must be created again)
     processing = "processing"  # hiapi has the task; waiting for its callback (or a poll)
     downloading = "downloading"  # hiapi finished; the clip is being copied into storage
     ready = "ready"
     failed = "failed"
+    deleted = "deleted"  # DELETE /v1/videos/{id} or VIDEO_RETENTION_SECONDS; files removed
 
 
-TERMINAL = (Status.ready, Status.failed)
+TERMINAL = (Status.ready, Status.failed, Status.deleted)
 
 
 class Via(StrEnum):

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.db import UTCDateTime, claim_due_rows
 from app.models import Notification, NotifyStatus
 
-__all__ = ["claim_notifications", "queue_notification", "record_delivery"]
+__all__ = ["claim_notifications", "drop_pending", "queue_notification", "record_delivery"]
 
 _notifications = cast(Table, Notification.__table__)
 _p_now = bindparam("p_now", type_=UTCDateTime())
@@ -93,4 +93,17 @@ async def record_delivery(
             last_error=error,
             delivered_at=now if delivered else None,
         )
+    )
+
+
+async def drop_pending(session: AsyncSession, video_ids: list[uuid.UUID], *, now: datetime) -> None:
+    """The videos were deleted: deliveries not yet made are given up (``failed``), so no
+    notification describes a clip that is gone. One already being sent may still arrive."""
+    await session.execute(
+        update(Notification)
+        .where(
+            Notification.video_id.in_(video_ids),
+            Notification.status == NotifyStatus.pending.value,
+        )
+        .values(status=NotifyStatus.failed.value, lease_owner=None, last_error="video deleted")
     )

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import Caller
 from app.db import UTCDateTime
-from app.models import TERMINAL, Notification, Video
+from app.models import TERMINAL, Notification, Status, Video
 
 __all__ = [
     "BadCursor",
@@ -185,6 +185,8 @@ async def list_videos(
         stmt = stmt.where(Video.subject == subject)
     if status is not None:
         stmt = stmt.where(Video.status == status)
+    else:
+        stmt = stmt.where(Video.status != Status.deleted)  # tombstones are never listed
     if metadata is not None:
         stmt = stmt.where(_has_pair(session, *metadata))
     if cursor is not None:

@@ -21,6 +21,7 @@ from app.signing import VideoUrls
 __all__ = [
     "FIELD_HINTS",
     "FIELD_RULE",
+    "DeletedOut",
     "METADATA_MAX_BYTES",
     "METADATA_MAX_KEYS",
     "METADATA_VALUE_MAX",
@@ -362,6 +363,14 @@ class VideoOut(BaseModel):
             created_at=video.created_at,
             updated_at=video.updated_at,
         )
+
+
+class DeletedOut(BaseModel):
+    """The last event of a deleted video's event stream: that it is gone, and when."""
+
+    id: uuid.UUID
+    status: Literal["deleted"] = "deleted"
+    deleted_at: datetime
 
 
 Scope = Literal["videos:create", "videos:read", "images:create"]

@@ -32,6 +32,7 @@ OPERATION_IDS = {
     ("post", "/v1/videos"): "createVideo",
     ("get", "/v1/videos"): "listVideos",
     ("get", "/v1/videos/{video_id}"): "getVideo",
+    ("delete", "/v1/videos/{video_id}"): "deleteVideo",
     ("get", "/v1/videos/{video_id}/content"): "getVideoContent",
     ("get", "/v1/videos/{video_id}/events"): "streamVideoEvents",
     ("post", "/v1/images"): "uploadImage",

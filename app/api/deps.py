@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.auth import ApiKeys, Caller
 from app.config import Settings
 from app.context import AppContext, context_of
+from app.deletion import Deleter
 from app.limits import CALLER_STATE, authenticate
 from app.metrics import MetricsEndpoint
 from app.signing import VideoUrls
@@ -31,6 +32,7 @@ __all__ = [
     "ApiKeysDep",
     "CallerDep",
     "ClockDep",
+    "DeleterDep",
     "EngineDep",
     "EventStreamsDep",
     "HeadRevisionDep",
@@ -128,6 +130,13 @@ async def get_storage(ctx: _ContextDep) -> Storage:
 
 
 StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+async def get_deleter(ctx: _ContextDep) -> Deleter:
+    return ctx.deleter
+
+
+DeleterDep = Annotated[Deleter, Depends(get_deleter)]
 
 
 async def get_images_root(ctx: _ContextDep) -> Path:

@@ -18,6 +18,7 @@ from app.api.deps import (
     ApiKeysDep,
     CallerDep,
     ClockDep,
+    DeleterDep,
     EventStreamsDep,
     SecretDep,
     SessionDep,
@@ -36,6 +37,7 @@ from app.models import TERMINAL, Notification, Status, Video
 from app.schemas import (
     FIELD_RULE,
     METADATA_VALUE_MAX,
+    DeletedOut,
     ErrorOut,
     VideoCreate,
     VideoOut,
@@ -63,7 +65,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorOut,
         "description": "A client token without the scope this needs (`insufficient_scope`).",
     },
-    404: {"model": ErrorOut, "description": "No such video (or it belongs to another key)."},
+    404: {
+        "model": ErrorOut,
+        "description": "No such video (or it belongs to another key, or it was deleted).",
+    },
 }
 SIGNED_ERRORS: dict[int | str, dict[str, Any]] = {
     403: {
@@ -248,6 +253,17 @@ async def list_videos(
     ] = None,
 ) -> VideoPage:
     require_scope(caller, "videos:read")
+    if status_ == Status.deleted:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", "status"),
+                    "msg": "deleted videos are not listed; use queued, processing, "
+                    "downloading, ready or failed",
+                    "type": "value_error",
+                }
+            ]
+        )
     pair = _metadata_filter(request)
     try:
         rows, next_cursor = await repository.list_videos(
@@ -336,10 +352,17 @@ def _over_limit(refused: OverLimit) -> AppError:
     )
 
 
-async def _video_or_404(session: SessionDep, video_id: uuid.UUID, caller: Caller) -> Video:
-    require_scope(caller, "videos:read")
+async def _video_or_404(
+    session: SessionDep, video_id: uuid.UUID, caller: Caller, *, scope: str = "videos:read"
+) -> Video:
+    """The video if ``caller`` may see it; a deleted video is a 404 like one never made."""
+    require_scope(caller, scope)
     video = await repository.get(session, video_id)
-    if video is None or not caller.may_read(video.owner, video.id, video.subject):
+    if (
+        video is None
+        or video.status == Status.deleted
+        or not caller.may_read(video.owner, video.id, video.subject)
+    ):
         raise NotFound(f"no video with id {video_id}")
     return video
 
@@ -357,6 +380,40 @@ async def read_video(
     video = await _video_or_404(session, video_id, caller)
     note = await repository.latest_notification(session, video.id) if video.notify_url else None
     return to_out(urls, video, note)
+
+
+@router.delete(
+    "/{video_id}",
+    operation_id="deleteVideo",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Delete a video and its clip",
+    description=(
+        "Removes the stored clip and poster (local disk or S3) and answers `204` with no "
+        "body. The video then answers `404` at every URL (`GET`, `content`, `events`; a "
+        "second `DELETE` too) and is no longer listed. The server keeps a "
+        "tombstone (`status: deleted`, `deleted_at`) so that a late hiapi callback or poll "
+        "finds it and does nothing.\n\n"
+        "Any status may be deleted. A `queued` video for which no task was sent to hiapi yet "
+        "never gets one, and its seconds go back to the daily quotas. A video whose task was "
+        "created (`processing`, `downloading`) is downloaded no further, and a download in "
+        "flight stops and leaves no file; but hiapi's task can't be cancelled upstream, so "
+        "it is still billed, and its seconds are not given back. An open event stream of "
+        "the video ends with a `deleted` event. No `notify_url` delivery is made for a "
+        "deletion, and deliveries not yet made are dropped.\n\n"
+        "Needs the same access as reading the video, and, for a client token, the "
+        "`videos:create` scope (who may spend on videos may delete them)."
+    ),
+    responses={401: ERRORS[401], 403: ERRORS[403], 404: ERRORS[404]},
+)
+async def delete_video(
+    video_id: uuid.UUID, deleter: DeleterDep, session: SessionDep, caller: CallerDep
+) -> Response:
+    await _video_or_404(session, video_id, caller, scope="videos:create")
+    await session.close()  # the deletion runs in a transaction of its own
+    if await deleter.delete(video_id) is None:  # another request deleted it meanwhile
+        raise NotFound(f"no video with id {video_id}")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get(
@@ -465,6 +522,7 @@ STATUS_ORDER: dict[str, int] = {
     Status.downloading: 3,
     Status.ready: 4,
     Status.failed: 4,
+    Status.deleted: 5,
 }
 
 
@@ -476,7 +534,9 @@ STATUS_ORDER: dict[str, int] = {
     description=(
         "A `text/event-stream` of the video's status changes. Each event has `id` "
         "(`<n>-<status>`), `event` (`status` while running, then `ready` or `failed`) and "
-        "`data` (the video JSON, with fresh signed URLs when API keys are on). With API keys "
+        "`data` (the video JSON, with fresh signed URLs when API keys are on). If the video "
+        "is deleted meanwhile, a last `deleted` event (`data`: `id`, `status`, `deleted_at`) "
+        "ends the stream. With API keys "
         "on, the video's `events_url` is this URL signed (`?exp=...&sig=...`), for "
         "`new EventSource(events_url)` with no `Authorization` header. The stream ends "
         "after the final event, or after "
@@ -532,6 +592,12 @@ async def video_events(
             async with sessionmaker() as events_session:
                 video = await repository.get(events_session, video_id)
                 if video is None:
+                    return
+                if video.status == Status.deleted:
+                    # Nothing of the video is shown any more: only that it is gone.
+                    gone = DeletedOut(id=video.id, deleted_at=video.deleted_at or video.updated_at)
+                    event_id = f"{STATUS_ORDER[Status.deleted]}-{Status.deleted}"
+                    yield f"id: {event_id}\nevent: deleted\ndata: {gone.model_dump_json()}\n\n"
                     return
                 note = (
                     await repository.latest_notification(events_session, video_id)

@@ -39,6 +39,7 @@ from app.jobs.resolve import AddressRefused
 from app.jobs.sink import Sink
 from app.logging import bind
 from app.metrics import METRICS
+from app.models import Status
 from app.retry import backoff_seconds
 from app.storage import ClipWriter, Storage, StorageError
 
@@ -199,7 +200,7 @@ class Downloader:
                 now=self._clock(),
             )
         if ready is None:
-            log.warning("download.lease_lost_before_ready")
+            await self._lost_before_ready(video_id, key)
         else:
             log.info("download.ready size=%d sha256=%s", size, digest)
             METRICS.downloads.labels("ready").inc()
@@ -208,6 +209,28 @@ class Downloader:
             if ready.task_finished_at is not None and ready.ready_at is not None:
                 waited = (ready.ready_at - ready.task_finished_at).total_seconds()
                 METRICS.success_to_stored.observe(max(waited, 0.0))
+
+    async def _lost_before_ready(self, video_id: uuid.UUID, key: str) -> None:
+        """``mark_ready`` found the lease gone after the clip was committed under ``key``. If
+        the video was deleted meanwhile, the file is nobody's: no transition leaves
+        ``deleted``, so no other download can own this video's key. Remove it (or, if the
+        store fails, list it on the tombstone for the reconciler to remove). Otherwise another
+        download holds the lease, and the key is its own: leave it alone."""
+        async with self._sm() as session:
+            video = await repository.get(session, video_id)
+        if video is None or video.status != Status.deleted:
+            log.warning("download.lease_lost_before_ready")
+            return
+        log.info("download.video_deleted_meanwhile")
+        METRICS.downloads.labels("deleted").inc()
+        try:
+            await self._storage.delete(key)
+        except (StorageError, OSError) as exc:
+            log.warning("download.orphan_kept error=%s (the reconciler removes it)", exc)
+            async with self._sm() as session, session.begin():
+                await lifecycle.files_to_remove(
+                    session, video_id=video_id, storage_key=key, now=self._clock()
+                )
 
     async def _copy(
         self, video_id: uuid.UUID, owner: str, url: str, lost: asyncio.Event

@@ -10,7 +10,8 @@ Every ``RECONCILE_INTERVAL_SECONDS`` each replica runs one tick:
 3. resume downloads whose lease expired (a crashed or stopped replica) or whose retry time
    came (``JobRunner.refill``);
 4. expire uploaded images past their retention, and delete spend rows that can never be
-   charged again (``app.spend.purge_spend``), a bounded batch of each.
+   charged again (``app.spend.purge_spend``), a bounded batch of each;
+5. retry removing the files of deleted videos whose removal failed (``app.deletion``).
 
 Rows are claimed with one conditional UPDATE (``FOR UPDATE SKIP LOCKED`` on Postgres), so
 replicas running the same tick never work on the same video.
@@ -30,6 +31,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import images, lifecycle, spend
+from app.deletion import Deleter
 from app.hiapi.client import HiapiClient
 from app.hiapi.errors import HiapiError, HiapiRejected
 from app.hiapi.schemas import TaskStatus
@@ -58,6 +60,7 @@ class ReconcileStats:
     downloads_resumed: int = 0
     images_expired: int = 0
     spend_purged: int = 0
+    files_removed: int = 0  # of deleted videos, whose first removal had failed
 
 
 class Reconciler:
@@ -76,6 +79,7 @@ class Reconciler:
         poll_hold: timedelta = timedelta(seconds=60),
         images_root: Path | None = None,
         image_retention: timedelta = timedelta(days=7),
+        deleter: Deleter | None = None,
     ) -> None:
         self._sm = sessionmaker
         self._hiapi = hiapi
@@ -92,6 +96,7 @@ class Reconciler:
         self._poll_hold = poll_hold
         self._images_root = images_root
         self._image_retention = image_retention
+        self._deleter = deleter
         self.totals = ReconcileStats()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -122,6 +127,8 @@ class Reconciler:
                 )
         async with self._sm() as session, session.begin():
             stats.spend_purged = await spend.purge_spend(session, now=self._clock())
+        if self._deleter is not None:
+            stats.files_removed = await self._deleter.remove_pending(limit=self._batch)
         for key, value in asdict(stats).items():
             setattr(self.totals, key, getattr(self.totals, key) + value)
         return stats
