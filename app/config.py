@@ -126,6 +126,12 @@ class Settings(BaseSettings):
         description="Largest JSON request body on /v1/*, capped while read.",
     )
     IMAGE_RETENTION_SECONDS: float = Field(default=7 * 86400.0, ge=0)
+    VIDEO_RETENTION_SECONDS: float = Field(
+        default=0.0,
+        ge=0,
+        description="Delete ready and failed videos (clip, poster, row made a tombstone) this "
+        "long after they were created; 0 keeps them forever.",
+    )
     EVENTS_POLL_SECONDS: float = Field(default=0.5, gt=0)
     EVENTS_MAX_STREAMS: int = Field(
         default=20, ge=1, description="Open event streams per caller (API key) per process."

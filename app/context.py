@@ -76,7 +76,7 @@ class AppContext:
     video_urls: VideoUrls  # a video's content_url and events_url: signed when keys are on
     client_tokens: ClientTokens | None  # CLIENT_TOKEN_SECRET unset: no client tokens
     storage: Storage  # the clips
-    deleter: Deleter  # DELETE /v1/videos/{id}
+    deleter: Deleter  # DELETE /v1/videos/{id} and the retention sweep
     images_root: Path  # uploaded stills: on STORAGE_DIR, whatever the clip store
     intake: Intake
     submission: Submission
@@ -264,6 +264,7 @@ async def open_context(
                 images_root=images_root,
                 image_retention=timedelta(seconds=settings.IMAGE_RETENTION_SECONDS),
                 deleter=deleter,
+                video_retention=timedelta(seconds=settings.VIDEO_RETENTION_SECONDS),
             ),
             notifier=Notifier(
                 sessionmaker=sessionmaker,

@@ -1,7 +1,8 @@
 """Deleting videos: the ``deleted`` transition, then the files.
 
-``DELETE /v1/videos/{id}`` comes here. A deletion is first a state change
-(``lifecycle.delete_video``, a conditional UPDATE that wins or loses against every other
+``DELETE /v1/videos/{id}`` and the reconciler's ``VIDEO_RETENTION_SECONDS`` sweep both come
+here. A deletion is first a state change (``lifecycle.delete_video`` or
+``lifecycle.delete_expired``, a conditional UPDATE that wins or loses against every other
 transition, also across replicas); only after it commits are the clip and poster removed from
 storage (local or S3). If that fails (the store is down), the video is deleted all the same:
 its tombstone keeps the keys, and the reconciler removes them at its next ticks
@@ -71,6 +72,26 @@ class Deleter:
             log.info("video.deleted reason=api refunded=%s", deletion.refunded)
             await self._remove(deletion.video, leftovers=True)
         return deletion
+
+    async def expire(self, *, retention: timedelta, limit: int) -> int:
+        """Delete up to ``limit`` ready or failed videos created more than ``retention`` ago,
+        and remove their files; how many were deleted."""
+        now = self._clock()
+        async with self._sm() as session, session.begin():
+            videos = await lifecycle.delete_expired(
+                session,
+                created_before=now - retention,
+                now=now,
+                retry_at=now + self._retry_after,
+                limit=limit,
+            )
+        for video in videos:
+            METRICS.deleted.labels("retention").inc()
+            with bind(video_id=video.id):
+                log.info("video.deleted reason=retention")
+                # Ready or failed: no download of it is in flight, no attempt left anything.
+                await self._remove(video, leftovers=False)
+        return len(videos)
 
     async def remove_pending(self, *, limit: int) -> int:
         """Remove the files of up to ``limit`` tombstones whose removal failed before; how

@@ -13,7 +13,7 @@ State machine::
       ├──create rejected──▶ failed ◀──task fail──────────┤◀── expired / bad file
       └──create 5xx/timeout: stays queued, due_at = next try
 
-    any of them ──DELETE──▶ deleted (final)
+    any of them ──DELETE, or VIDEO_RETENTION_SECONDS for ready/failed──▶ deleted (final)
 
 A deleted video is a tombstone: every other transition is guarded by a status it no longer
 has, so a late callback, poll, submit result or download finds it and changes nothing. While
@@ -63,6 +63,7 @@ __all__ = [
     "claim_due",
     "claim_removals",
     "create_video",
+    "delete_expired",
     "delete_video",
     "fail_download",
     "fail_processing",
@@ -824,6 +825,40 @@ async def delete_video(
         return None
     await drop_pending(session, [video.id], now=now)
     return Deletion(video, refunded)
+
+
+async def delete_expired(
+    session: AsyncSession,
+    *,
+    created_before: datetime,
+    now: datetime,
+    retry_at: datetime,
+    limit: int,
+) -> list[Video]:
+    """Delete up to ``limit`` ready or failed videos created before ``created_before``
+    (``VIDEO_RETENTION_SECONDS``), oldest first; the tombstones. Replicas running this at once
+    skip each other's rows (Postgres) or run one after the other (SQLite)."""
+    ended = and_(
+        Video.status.in_((Status.ready.value, Status.failed.value)),
+        Video.created_at < created_before,
+    )
+    # The ids first, locked, then the UPDATE over exactly those: an ``IN (SELECT ... LIMIT)``
+    # subquery may be run again per row by Postgres's plan and take more than ``limit``.
+    due = select(Video.id).where(ended).order_by(Video.created_at).limit(limit)
+    ids = list((await session.execute(due.with_for_update(skip_locked=True))).scalars())
+    if not ids:
+        return []
+    stmt = (
+        update(Video)
+        .where(Video.id.in_(ids), ended)
+        .values(**_tombstone(now, retry_at))
+        .returning(Video)
+    )
+    result = await session.execute(stmt, execution_options={"synchronize_session": False})
+    videos = list(result.scalars().all())
+    if videos:
+        await drop_pending(session, [video.id for video in videos], now=now)
+    return videos
 
 
 async def claim_removals(

@@ -442,3 +442,41 @@ class TestDeletedBetweenCommitAndReady:
 
 async def _stored(service: Service, video_id: str) -> bool:
     return stored_path(service, video_id).exists()
+
+
+class TestRetention:
+    async def test_old_ready_and_failed_videos_go_in_bounded_batches(
+        self, services: ServiceFactory, sim: Sim
+    ):
+        clock = Clock()
+        # The background tick runs once at start, then the test ticks by hand.
+        service = await services.start(
+            clock=clock,
+            VIDEO_RETENTION_SECONDS=3600,
+            RECONCILE_BATCH_SIZE=1,
+            RECONCILE_INTERVAL_SECONDS=3600,
+        )
+        ready = [await service.submit() for _ in range(2)]
+        for video in ready:
+            await service.wait_for(video["id"], "ready")
+        sim.set(fail_rate=1.0)
+        failed = await service.submit()
+        await service.wait_for(failed["id"], "failed")
+        sim.set(fail_rate=0.0, latency_seconds=3600)
+        running = await service.submit()  # stays processing: never deleted by retention
+        before = deleted_count("retention")
+
+        assert (await service.ctx.reconciler.tick()).videos_expired == 0  # none old enough
+        clock.offset = timedelta(hours=2)
+        fresh = await service.submit()  # created after the others' retention ran out
+        expired = [(await service.ctx.reconciler.tick()).videos_expired for _ in range(4)]
+        assert expired == [1, 1, 1, 0]  # RECONCILE_BATCH_SIZE per tick, then nothing left
+
+        assert deleted_count("retention") - before == 3
+        for video in [*ready, failed]:
+            await assert_gone(service, video["id"])
+            assert await no_files(service, video["id"])
+            row = await db_video(service, video["id"])
+            assert row.status == Status.deleted and row.storage_key is None
+        assert (await service.get(running["id"]))["status"] == "processing"
+        assert (await service.get(fresh["id"]))["status"] == "processing"

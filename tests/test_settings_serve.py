@@ -30,6 +30,7 @@ import pytest
 
 from app.migrate import head_revision
 from app.security import webhook_token
+from app.storage import LocalStorage
 from tests.conftest import (
     HIAPI_KEY,
     WEBHOOK_SECRET,
@@ -343,6 +344,54 @@ async def test_reconcile_batch_size_caps_the_polls_of_one_tick(
     assert sum(recovered for _, recovered in ticks) == 5, ticks
     assert max(polled for polled, _ in ticks) <= 2, ticks
     assert len([t for t in ticks if t[1]]) >= 3, ticks
+
+
+# --- VIDEO_RETENTION_SECONDS ----------------------------------------------------------------
+
+
+async def test_video_retention_seconds_deletes_old_clips_and_counts_them(
+    work: Path, sim: ChildServer, sqlite_template: Path
+) -> None:
+    """A serve of its own (its videos must not disappear under the other checks): a ready
+    video older than VIDEO_RETENTION_SECONDS is deleted by the reconciler, its file is gone,
+    and /metrics counts it."""
+    home = work / "retention"
+    home.mkdir()
+    shutil.copy(sqlite_template, home / "relay.db")
+    child = ChildServer(
+        videorelay("serve", "--port", "{port}"),
+        lambda port: relay_env(
+            home,
+            sim,
+            f"sqlite+aiosqlite:///{home / 'relay.db'}",
+            PUBLIC_BASE_URL=f"http://127.0.0.1:{port}",
+            VIDEO_RETENTION_SECONDS="6",
+            RECONCILE_INTERVAL_SECONDS="0.3",
+        ),
+        cwd=home,
+        log=home / "serve.log",
+    )
+    await asyncio.to_thread(child.start)
+    try:
+        async with httpx.AsyncClient(base_url=child.url, timeout=10) as client:
+            posted = await client.post("/v1/videos", json=BODY)
+            assert posted.status_code == 202, posted.text
+            video_id = posted.json()["id"]
+            await wait_status(client, video_id, "ready")
+            clip = home / "videos" / LocalStorage.key_for(uuid.UUID(video_id))
+            assert clip.is_file()
+
+            async def gone() -> bool:
+                return (await client.get(f"/v1/videos/{video_id}")).status_code == 404
+
+            await until(gone, "the video is deleted by retention")
+            assert not clip.exists()
+            metrics = (await client.get("/metrics")).text
+            assert 'videorelay_videos_deleted_total{reason="retention"} 1.0' in metrics
+            assert 'videorelay_videos_deleted_total{reason="api"} 0.0' in metrics
+            assert "reason=retention" in child.output()
+    finally:
+        child.terminate()
 
 
 # --- LOG_LEVEL, PORT -------------------------------------------------------------------------

@@ -11,7 +11,9 @@ Every ``RECONCILE_INTERVAL_SECONDS`` each replica runs one tick:
    came (``JobRunner.refill``);
 4. expire uploaded images past their retention, and delete spend rows that can never be
    charged again (``app.spend.purge_spend``), a bounded batch of each;
-5. retry removing the files of deleted videos whose removal failed (``app.deletion``).
+5. with ``VIDEO_RETENTION_SECONDS``, delete ready and failed videos created longer ago than
+   that, ``RECONCILE_BATCH_SIZE`` per tick, the way ``DELETE /v1/videos/{id}`` does
+   (``app.deletion``); and retry removing the files of deleted videos whose removal failed.
 
 Rows are claimed with one conditional UPDATE (``FOR UPDATE SKIP LOCKED`` on Postgres), so
 replicas running the same tick never work on the same video.
@@ -60,6 +62,7 @@ class ReconcileStats:
     downloads_resumed: int = 0
     images_expired: int = 0
     spend_purged: int = 0
+    videos_expired: int = 0  # deleted by VIDEO_RETENTION_SECONDS
     files_removed: int = 0  # of deleted videos, whose first removal had failed
 
 
@@ -80,6 +83,7 @@ class Reconciler:
         images_root: Path | None = None,
         image_retention: timedelta = timedelta(days=7),
         deleter: Deleter | None = None,
+        video_retention: timedelta = timedelta(0),
     ) -> None:
         self._sm = sessionmaker
         self._hiapi = hiapi
@@ -97,6 +101,7 @@ class Reconciler:
         self._images_root = images_root
         self._image_retention = image_retention
         self._deleter = deleter
+        self._video_retention = video_retention  # 0: keep videos forever
         self.totals = ReconcileStats()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -128,6 +133,10 @@ class Reconciler:
         async with self._sm() as session, session.begin():
             stats.spend_purged = await spend.purge_spend(session, now=self._clock())
         if self._deleter is not None:
+            if self._video_retention > timedelta(0):
+                stats.videos_expired = await self._deleter.expire(
+                    retention=self._video_retention, limit=self._batch
+                )
             stats.files_removed = await self._deleter.remove_pending(limit=self._batch)
         for key, value in asdict(stats).items():
             setattr(self.totals, key, getattr(self.totals, key) + value)
