@@ -4,8 +4,10 @@ The test plays the customer's backend: it mints a client token with the API key 
 one HTML page from a second origin (another port on 127.0.0.1, listed in ``CORS_ORIGINS``)
 with only that token in it. The page's own script draws a still, uploads it, submits a video
 with ``Authorization: Bearer <token>``, follows ``new EventSource(events_url)`` until
-``ready``, plays ``content_url`` in a ``<video>`` and seeks. The same page with the ``sig`` of
-``content_url`` altered gets no video. Every request to a host other than 127.0.0.1 is aborted.
+``ready``, plays ``content_url`` in a ``<video>`` and seeks; it reads the submit's
+``RateLimit-*`` headers (exposed through CORS) and ``GET /v1/usage``. The same page with
+the ``sig`` of ``content_url`` altered gets no video. Every request to a host other than
+127.0.0.1 is aborted.
 """
 
 from __future__ import annotations
@@ -38,12 +40,17 @@ PAGE = """<!doctype html>
 <script>
 const API = __API__;
 const TOKEN = __TOKEN__;
-const state = (window.state = { events: [], error: null, videoError: false, seeked: false });
+const state = (window.state = {
+  events: [], error: null, videoError: false, seeked: false, rate: {},
+});
 const auth = { Authorization: "Bearer " + TOKEN };
 
 async function call(path, init) {
   const response = await fetch(API + path, { ...init, headers: { ...auth, ...init.headers } });
   const body = await response.json();
+  for (const name of ["Limit", "Remaining", "Reset"]) {
+    state.rate[name] = response.headers.get("RateLimit-" + name);
+  }
   if (!response.ok) throw new Error(path + ": " + response.status + " " + JSON.stringify(body));
   return body;
 }
@@ -86,6 +93,8 @@ async function main() {
     body: JSON.stringify({ image_id: image.id, prompt: "slow zoom", duration: 3 }),
   });
   state.submitted = video;
+  state.submitRate = { ...state.rate };
+  state.usage = await call("/v1/usage", { headers: {} });
   const ready = await untilReady(video.events_url);
   let src = ready.content_url;
   if (new URLSearchParams(location.search).has("tamper")) {
@@ -135,7 +144,7 @@ async def test_a_page_on_another_origin_with_only_a_client_token_submits_watches
     assert service.server.url != origin
     minted = await service.client.post(
         "/v1/client-tokens",
-        json={"subject": "user-42", "ttl_seconds": 600},
+        json={"subject": "user-42", "ttl_seconds": 600, "max_video_seconds": 30},
         headers={"Authorization": f"Bearer {KEY}"},
     )
     assert minted.status_code == 201, minted.text
@@ -193,6 +202,12 @@ async def test_a_page_on_another_origin_with_only_a_client_token_submits_watches
                 assert video["subject"] == "user-42"
                 assert urlsplit(video["events_url"]).query.startswith("exp=")
                 assert state["events"][-1] == "ready:ready"
+                # The submit's quota headers are readable from the page (CORS exposes them).
+                rate = state["submitRate"]
+                assert (rate["Limit"], rate["Remaining"]) == ("30", "27"), rate
+                assert 0 < int(rate["Reset"]) <= 600  # until the token expires (ttl 600 s)
+                assert state["usage"]["scope"] == "token"
+                assert state["usage"]["remaining_video_seconds"] == 27
                 assert "&sig=" in state["src"]
                 await wait_js(page, "document.querySelector('#player').readyState >= 2")
                 assert await page.evaluate("document.querySelector('#player').duration") > 1
