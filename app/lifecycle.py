@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import String, Table, Text, Uuid, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -49,6 +49,9 @@ from app.hiapi.schemas import Task, TaskStatus
 from app.models import Status, Via, Video
 from app.outbox import drop_pending, queue_notification
 from app.spend import refund_spend
+
+if TYPE_CHECKING:
+    from app.media import ClipFacts
 
 __all__ = [
     "FIRST_SUBMIT",
@@ -692,7 +695,12 @@ async def mark_ready(
     sha256: str,
     storage_key: str,
     now: datetime,
+    facts: ClipFacts | None = None,
+    warnings: list[str] | None = None,
+    faststart_remuxed: bool | None = None,
+    poster_key: str | None = None,
 ) -> Video | None:
+    """The clip is stored (and its poster, at ``poster_key``): record it with its facts."""
     return await _finish(
         session,
         _holds_lease(video_id, owner),
@@ -701,6 +709,14 @@ async def mark_ready(
         size_bytes=size_bytes,
         sha256=sha256,
         storage_key=storage_key,
+        width=facts.width if facts else None,
+        height=facts.height if facts else None,
+        duration_seconds=facts.duration_seconds if facts else None,
+        codec=facts.codec if facts else None,
+        fps=facts.fps if facts else None,
+        warnings=warnings,
+        faststart_remuxed=faststart_remuxed,
+        poster_key=poster_key,
         ready_at=now,
         lease_owner=None,
         last_error=None,

@@ -275,8 +275,17 @@ VIDEO_EXAMPLE: dict[str, JsonValue] = {
     "error": None,
     "size_bytes": 367150,
     "sha256": "8aa7a38801b8f2a8a58d9624b5bbdea44739413b76a505ebccd71672068a153a",
+    "width": 1920,
+    "height": 1080,
+    "duration_seconds": 5.0,
+    "codec": "h264",
+    "fps": 24.0,
+    "warnings": [],
+    "faststart_remuxed": False,
     "content_url": "https://relay.example.com/v1/videos/5f0c7d7e-8c1b-4f0e-9a55-1d2b3c4d5e6f"
     "/content?exp=1795887911&sig=q9c1uY0Vh8m2b5JmQk3m4l0bXQ3u8b7yq6QmC0d3N2s",
+    "poster_url": "https://relay.example.com/v1/videos/5f0c7d7e-8c1b-4f0e-9a55-1d2b3c4d5e6f"
+    "/poster.jpg?exp=1795887911&sig=Vb3kR0s9cE1mT7yQ2wL5nA8dX4hG6jU0pZ3fK9iO1eM",
     "events_url": "https://relay.example.com/v1/videos/5f0c7d7e-8c1b-4f0e-9a55-1d2b3c4d5e6f"
     "/events?exp=1795887911&sig=Jm3v8d0Xo2sH5q1cYb7kN9rT4wE6uA0zL8pG2fV5iQk",
     "notify": None,
@@ -301,12 +310,41 @@ class VideoOut(BaseModel):
     task_id: str | None
     error: VideoError | None
     size_bytes: int | None
-    sha256: str | None
+    sha256: str | None = Field(description="sha256 of the stored clip (hex); null until ready.")
+    width: int | None = Field(description="Frame width of the stored clip; null until ready.")
+    height: int | None = Field(description="Frame height of the stored clip; null until ready.")
+    duration_seconds: float | None = Field(
+        description="Length of the stored clip's video stream, in seconds; null until ready."
+    )
+    codec: str | None = Field(description="Video codec (`h264`, ...); null until ready.")
+    fps: float | None = Field(description="Average frame rate; null until ready (or unknown).")
+    warnings: list[str] | None = Field(
+        description=(
+            "What is off about a playable clip, for operators to take up with hiapi (the "
+            "video is ready all the same): `duration_mismatch` (more than 0.5 s from the "
+            "requested `duration`), `resolution_mismatch` (height not 720 or 1080 as "
+            "`resolution` asked). Empty when nothing is; null until ready."
+        )
+    )
+    faststart_remuxed: bool | None = Field(
+        description=(
+            "Whether hiapi's file had its index (`moov`) at the end and was rewritten with it "
+            "first (no re-encoding), so a `<video>` can start before it has the whole file; "
+            "`size_bytes` and `sha256` are then the rewritten file's. Null until ready."
+        )
+    )
     content_url: str | None = Field(
         description=(
             "Where the stored MP4 is served once ready (absolute; null until then). With API "
             "keys on it is a signed URL valid `SIGNED_URL_TTL_SECONDS` that needs no "
             "`Authorization` header, for `<video src>`; GET the video again for a fresh one."
+        )
+    )
+    poster_url: str | None = Field(
+        description=(
+            "A JPEG frame of the clip (from about 0.5 s, at the clip's size, at most 200 KB) "
+            "for `<video poster>` (absolute; null until ready). Signed like `content_url` "
+            "when API keys are on."
         )
     )
     events_url: str = Field(
@@ -356,7 +394,15 @@ class VideoOut(BaseModel):
             error=error,
             size_bytes=video.size_bytes,
             sha256=video.sha256,
+            width=video.width if ready else None,
+            height=video.height if ready else None,
+            duration_seconds=video.duration_seconds if ready else None,
+            codec=video.codec if ready else None,
+            fps=video.fps if ready else None,
+            warnings=video.warnings if ready else None,
+            faststart_remuxed=video.faststart_remuxed if ready else None,
             content_url=urls.content(video.id) if ready else None,
+            poster_url=urls.poster(video.id) if ready and video.poster_key else None,
             events_url=urls.events(video.id),
             notify=notify,
             metadata=dict(sorted((video.meta or {}).items())),

@@ -5,7 +5,8 @@ A signed URL is ``<path>?exp=<unix seconds>&sig=<signature>``, where the signatu
 ``base64url(HMAC-SHA256(key, path + "\\n" + exp))`` without padding and ``path`` is the URL
 path (``/v1/videos/<id>/content``). The key is ``HMAC-SHA256(WEBHOOK_SECRET, "videorelay
 signed urls")``, so it differs from the callback tokens'. Only ``GET``/``HEAD`` of a video's
-``/content`` and ``/events`` accept one, and it grants reading that one video until ``exp``.
+``/content``, ``/poster.jpg`` and ``/events`` accept one, and it grants reading that one video
+until ``exp`` (a URL signed for one of the three paths does not verify for another).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _KEY_LABEL = b"videorelay signed urls"
 _METHODS = frozenset({"GET", "HEAD"})
 _SIGNED_PATH = re.compile(
     r"/v1/videos/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
-    r"/(?:content|events)"
+    r"/(?:content|events|poster\.jpg)"
 )
 
 
@@ -129,6 +130,9 @@ class VideoUrls:
 
     def content(self, video_id: uuid.UUID) -> str:
         return self._url(f"/v1/videos/{video_id}/content")
+
+    def poster(self, video_id: uuid.UUID) -> str:
+        return self._url(f"/v1/videos/{video_id}/poster.jpg")
 
     def events(self, video_id: uuid.UUID) -> str:
         return self._url(f"/v1/videos/{video_id}/events")

@@ -39,10 +39,11 @@ from app.jobs.resolve import AddressRefused, CheckedResolver, LookupFailed
 from app.models import Status, Via
 from app.net import is_public_address
 from app.storage.local import LocalStorage
+from tests import clips
 from tests.conftest import ServiceFactory, Sim
 from tests.test_frontend_api import NOTIFY_SECRET
 
-MP4 = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + b"\0" * 4000
+MP4 = clips.good_mp4()  # a real clip: every download is opened with PyAV
 LEASE = timedelta(seconds=30)
 PUBLIC_V6 = "2001:4860:4860::8888"  # never connected to: every test refuses or pins elsewhere
 

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from app.security import webhook_token
+from tests import clips
 from tests.conftest import WEBHOOK_SECRET, RunningServer, ServiceFactory, Sim, free_socket
 
 MP4_HEAD = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
@@ -22,7 +23,7 @@ def origin_app() -> FastAPI:
 
     @app.get("/clip.mp4")
     async def clip() -> Response:
-        return Response(MP4_HEAD + b"\0" * 1000, media_type="video/mp4")
+        return Response(clips.good_mp4(), media_type="video/mp4")
 
     @app.get("/redirect-out.mp4")
     async def redirect_out() -> RedirectResponse:
@@ -98,4 +99,4 @@ async def test_redirect_within_the_allowlist_is_followed(
     video = await service.submit()
     await deliver(service, video, f"{origin.url}/redirect-in.mp4")
     done = await service.wait_for(video["id"], "ready")
-    assert done["size_bytes"] == len(MP4_HEAD) + 1000
+    assert done["size_bytes"] == len(clips.good_mp4())

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from app.simulator import SimulatorConfig, create_simulator_app
+from tests import clips
 from tests.conftest import RunningServer, Service, ServiceFactory, Sim, free_socket
 from tests.test_flow import callback_path, db_video
 from tests.test_storage_s3 import (  # noqa: F401  (fixtures)
@@ -33,7 +34,7 @@ from tests.test_storage_s3 import (  # noqa: F401  (fixtures)
     s3_settings,
 )
 
-MP4 = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + b"\0" * 2000
+MP4 = clips.good_mp4()  # a real clip: every download is opened with PyAV
 FAR = 4102444800  # 2100-01-01: an expireAt that does not matter
 
 

@@ -34,6 +34,7 @@ OPERATION_IDS = {
     ("get", "/v1/videos/{video_id}"): "getVideo",
     ("delete", "/v1/videos/{video_id}"): "deleteVideo",
     ("get", "/v1/videos/{video_id}/content"): "getVideoContent",
+    ("get", "/v1/videos/{video_id}/poster.jpg"): "getVideoPoster",
     ("get", "/v1/videos/{video_id}/events"): "streamVideoEvents",
     ("post", "/v1/images"): "uploadImage",
     ("post", "/v1/client-tokens"): "createClientToken",

@@ -25,9 +25,10 @@ from app.logging import configure_logging
 from app.models import Video
 from app.outputs import OutputCheck
 from app.security import webhook_token
+from tests import clips
 from tests.conftest import WEBHOOK_SECRET, RunningServer, Service, ServiceFactory, Sim, free_socket
 
-MP4 = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + b"\0" * 1000
+MP4 = clips.good_mp4()  # a real clip: every download is opened with PyAV
 FAR_FUTURE = 99_999_999_999  # 5138-11-16: under the schema's 10**11 cap, so it gets through
 
 

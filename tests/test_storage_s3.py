@@ -38,6 +38,7 @@ from app.models import Video
 from app.security import webhook_token
 from app.storage import LocalStorage, Storage, parse_storage_url
 from app.storage.s3 import PART_SIZE, S3Storage
+from tests import clips
 from tests.conftest import WEBHOOK_SECRET, Service, ServiceFactory, Sim, child_env
 
 # Under pytest-xdist one worker runs the whole file, so its shared servers start once.
@@ -210,7 +211,8 @@ async def wait_until(predicate: Any, timeout: float, what: str) -> None:
 
 
 def mp4_like(size: int) -> bytes:
-    """An ``ftyp`` box then random bytes: passes the downloader's MP4 check."""
+    """An ``ftyp`` box then random bytes: what the storage writer is given in a test of its
+    own (the downloader would refuse it: it is no playable clip)."""
     head = struct.pack(">I4s4sI", 16, b"ftyp", b"isom", 0)
     return head + os.urandom(size - len(head))
 
@@ -434,8 +436,10 @@ class TestConfiguration:
 
 
 class TestS3Writer:
-    async def test_multipart_upload_is_invisible_until_commit(self, bucket: Bucket):
-        storage = S3Storage(bucket=bucket.name, prefix=PREFIX, endpoint_url=bucket.endpoint)
+    async def test_spooled_clip_is_invisible_until_commit(self, bucket: Bucket, tmp_path: Path):
+        storage = S3Storage(
+            bucket=bucket.name, prefix=PREFIX, endpoint_url=bucket.endpoint, spool_dir=tmp_path
+        )
         video_id = uuid.uuid4()
         name = bucket.object_name(str(video_id))
         data = mp4_like(2 * PART_SIZE + 12345)
@@ -443,10 +447,13 @@ class TestS3Writer:
             writer = await storage.open_writer(video_id, "owner-a")
             for start in range(0, len(data), MiB):
                 await writer.write(data[start : start + MiB])
-            # Two parts are up, the rest is buffered: nothing a reader could see yet.
-            assert len(await bucket.uploads()) == 1
+            # Spooled locally (to be checked whole): nothing in the bucket yet.
+            spool = await writer.spool()
+            assert spool.read_bytes() == data
+            assert await bucket.uploads() == []
             assert await bucket.head(name) is None
             await writer.commit()
+            assert not spool.exists()
             assert await bucket.uploads() == []
             head = await bucket.head(name)
             assert head is not None and head["ContentType"] == "video/mp4"
@@ -457,16 +464,22 @@ class TestS3Writer:
         finally:
             await storage.aclose()
 
-    async def test_abort_leaves_nothing_and_leftovers_are_discarded(self, bucket: Bucket):
-        storage = S3Storage(bucket=bucket.name, prefix=PREFIX, endpoint_url=bucket.endpoint)
+    async def test_abort_leaves_nothing_and_leftovers_are_discarded(
+        self, bucket: Bucket, tmp_path: Path
+    ):
+        storage = S3Storage(
+            bucket=bucket.name, prefix=PREFIX, endpoint_url=bucket.endpoint, spool_dir=tmp_path
+        )
         video_id = uuid.uuid4()
         name = bucket.object_name(str(video_id))
         try:
             writer = await storage.open_writer(video_id, "owner-a")
             await writer.write(mp4_like(PART_SIZE + 10))
-            assert len(await bucket.uploads()) == 1
+            spool = await writer.spool()
+            assert spool.stat().st_size == PART_SIZE + 10
             await writer.abort()
             await writer.abort()  # idempotent
+            assert not spool.exists()
             assert await bucket.uploads() == []
             assert await bucket.keys() == []
 
@@ -513,9 +526,10 @@ class TestFlowOnS3:
         original = (await sim.client.get(task["output"][0]["url"])).content
         assert hashlib.sha256(original).hexdigest() == done["sha256"]
 
-        # The object is in the bucket under the prefix, and nothing is on the local disk.
+        # The object and its poster are in the bucket under the prefix, and nothing is on the
+        # local disk.
         name = bucket.object_name(video["id"])
-        assert await bucket.keys() == [name]
+        assert await bucket.keys() == [name.removesuffix(".mp4") + ".jpg", name]
         assert await bucket.sha256(name) == (done["sha256"], len(original))
         assert await bucket.uploads() == []
         assert not list(Path(service.settings.STORAGE_DIR).rglob("*.mp4"))
@@ -572,8 +586,8 @@ class TestFlowOnS3:
     async def test_source_dropping_mid_upload_aborts_it_then_retries_to_success(
         self, services: ServiceFactory, sim: Sim, bucket: Bucket
     ):
-        body = mp4_like(3 * PART_SIZE + 4321)
-        origin = FlakyOrigin(body, cut_at=2 * PART_SIZE + MiB)  # two parts up, the third not
+        body = clips.padded(3 * PART_SIZE + 4321)
+        origin = FlakyOrigin(body, cut_at=2 * PART_SIZE + MiB)  # cut short, mid-body
         await origin.start()
         try:
             service = await services.start(
@@ -584,7 +598,7 @@ class TestFlowOnS3:
             response = await service.client.post(callback_path(video["id"]), json=task)
             assert response.status_code == 200
 
-            # The first attempt lost its source after two parts; the retry is being held.
+            # The first attempt lost its source mid-body; the retry is being held.
             await asyncio.wait_for(origin.waiting.wait(), 30)
             assert origin.cut.is_set()
             row = await db_video(service, video["id"])
@@ -641,18 +655,20 @@ class TestFlowOnS3:
         finally:
             await proxy.stop()
 
-    async def test_shutdown_mid_upload_aborts_it_and_the_next_start_finishes(
+    async def test_shutdown_mid_download_removes_its_spool_and_the_next_start_finishes(
         self, services: ServiceFactory, sim: Sim, bucket: Bucket
     ):
         sim.set(pad_bytes=3 * PART_SIZE, download_bytes_per_second=8 * MiB)
         service = await services.start(**s3_settings(bucket))
         video = await service.submit()
+        spools = Path(service.settings.STORAGE_DIR) / ".partial"
 
-        async def uploading() -> bool:
-            return len(await bucket.uploads()) == 1
+        async def spooling() -> bool:
+            return any(p.stat().st_size > MiB for p in spools.glob(f"{video['id']}.*.part"))
 
-        await wait_until(uploading, 30, "the multipart upload to start")
+        await wait_until(spooling, 30, "the download to be spooling")
         await services.stop(service)  # SIGTERM's path: lifespan shutdown
+        assert not list(spools.glob("*.part"))
         assert await bucket.uploads() == []
         assert await bucket.keys() == []
         engine = create_engine(services.database_url)
@@ -725,4 +741,4 @@ class TestLargeFile:
         assert await bucket.sha256(name) == (done["sha256"], size)
         assert await sim_sha256(sim, task["output"][0]["url"]) == (done["sha256"], size)
         assert await bucket.uploads() == []
-        assert len(await bucket.keys()) == 2
+        assert len(await bucket.keys()) == 4  # two clips, two posters

@@ -14,6 +14,7 @@ import json
 import random
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -379,6 +380,7 @@ class _SlowWriter:
     """A storage writer whose writes take random, overlapping-prone times."""
 
     key = "clip.mp4"
+    poster_key = "clip.jpg"
 
     def __init__(self, fail_at: int | None = None) -> None:
         self.chunks: list[bytes] = []
@@ -396,7 +398,10 @@ class _SlowWriter:
         finally:
             self.active -= 1
 
-    async def commit(self) -> None:
+    async def spool(self) -> Path:
+        raise NotImplementedError  # the sink only writes
+
+    async def commit(self, poster: bytes | None = None) -> None:
         return None
 
     async def abort(self) -> None:

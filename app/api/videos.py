@@ -1,4 +1,4 @@
-"""``/v1/videos``: submit, read back, list, and stream the stored clip."""
+"""``/v1/videos``: submit, read back, list, and stream the stored clip and its poster."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ from app.schemas import (
 )
 from app.signing import VideoUrls
 from app.spend import tightest
+from app.storage import Storage
 from app.submission import Invalid, OverLimit, Quota
 
 __all__ = ["router", "to_out"]
@@ -483,7 +484,21 @@ async def video_content(
             f"video {video_id} is {video.status}; content is available once it is ready",
             code="not_ready",
         )
-    presigned = await storage.presigned_url(video.storage_key)
+    return await _stored_file(
+        storage,
+        video.storage_key,
+        media_type="video/mp4",
+        filename=f"{video_id}.mp4",
+        accel=settings.CONTENT_ACCEL_REDIRECT,
+    )
+
+
+async def _stored_file(
+    storage: Storage, key: str, *, media_type: str, filename: str, accel: str | None
+) -> Response:
+    """A stored object: a ``307`` to a presigned URL (S3), handed to nginx (``accel``, the
+    ``CONTENT_ACCEL_REDIRECT`` location), or the file itself with Range."""
+    presigned = await storage.presigned_url(key)
     if presigned is not None:
         # The link expires: no cache may keep the redirect longer than the link lives.
         return RedirectResponse(
@@ -491,27 +506,90 @@ async def video_content(
             status_code=status.HTTP_307_TEMPORARY_REDIRECT,
             headers={"Cache-Control": "no-store"},
         )
-    path = await asyncio.to_thread(storage.local_path, video.storage_key)
+    path = await asyncio.to_thread(storage.local_path, key)
     if path is None or not await asyncio.to_thread(path.is_file):
         raise AppError(
-            f"the stored file of video {video_id} is missing from storage",
+            f"the stored file {filename} is missing from storage",
             code="content_missing",
             status_code=500,
         )
-    if settings.CONTENT_ACCEL_REDIRECT is not None:
+    if accel is not None:
         # nginx serves the file from its internal location (Range, sendfile); no body here.
         return Response(
             headers={
-                "X-Accel-Redirect": settings.CONTENT_ACCEL_REDIRECT + video.storage_key,
-                "Content-Type": "video/mp4",
-                "Content-Disposition": f'inline; filename="{video_id}.mp4"',
+                "X-Accel-Redirect": accel + key,
+                "Content-Type": media_type,
+                "Content-Disposition": f'inline; filename="{filename}"',
             }
         )
     return ClipResponse(
-        path,
-        media_type="video/mp4",
-        filename=f"{video_id}.mp4",
-        content_disposition_type="inline",
+        path, media_type=media_type, filename=filename, content_disposition_type="inline"
+    )
+
+
+@router.get(
+    "/{video_id}/poster.jpg",
+    operation_id="getVideoPoster",
+    response_class=FileResponse,
+    summary="The clip's poster frame (JPEG)",
+    description=(
+        "One `image/jpeg` frame of the stored clip, from about 0.5 s into it (or its first "
+        "frame), at the clip's size and at most 200 KB: for `<video poster>` or `<img>`. "
+        "Made when the clip is stored, so it exists once the video is `ready`.\n\n"
+        "Read like `/content`: the same credentials, and with API keys on the video's "
+        "`poster_url` is this URL signed (`?exp=...&sig=...`), needing no `Authorization` "
+        "header. With S3 storage it answers `307` to a short-lived presigned URL on the "
+        "bucket; with `CONTENT_ACCEL_REDIRECT` it hands the file to nginx, as `/content` does. "
+        "`HEAD` answers as `GET` would, without the body."
+    ),
+    responses={
+        200: {"content": {"image/jpeg": {}}},
+        307: {
+            "description": "S3 storage: the poster is at the presigned URL in `Location`.",
+            "headers": {
+                "Location": {
+                    "description": "Presigned GET URL, valid for `S3_PRESIGN_SECONDS`.",
+                    "schema": {"type": "string", "format": "uri"},
+                }
+            },
+        },
+        401: ERRORS[401],
+        **SIGNED_ERRORS,
+        404: {
+            "model": ErrorOut,
+            "description": (
+                "No such video (`not_found`), or a video stored before posters were made "
+                "(`no_poster`)."
+            ),
+        },
+        409: {"model": ErrorOut, "description": "The video is not ready yet (`not_ready`)."},
+    },
+)
+@router.head("/{video_id}/poster.jpg", include_in_schema=False)
+async def video_poster(
+    video_id: uuid.UUID,
+    storage: StorageDep,
+    session: SessionDep,
+    caller: CallerDep,
+    settings: SettingsDep,
+) -> Response:
+    video = await _video_or_404(session, video_id, caller)
+    if video.status != Status.ready:
+        raise Conflict(
+            f"video {video_id} is {video.status}; its poster is available once it is ready",
+            code="not_ready",
+        )
+    if video.poster_key is None:
+        raise NotFound(
+            f"video {video_id} has no poster: it was stored before posters were made",
+            code="no_poster",
+        )
+    return await _stored_file(
+        storage,
+        video.poster_key,
+        media_type="image/jpeg",
+        filename=f"{video_id}.jpg",
+        accel=settings.CONTENT_ACCEL_REDIRECT,
     )
 
 

@@ -1,12 +1,17 @@
 """Copy a finished clip from hiapi's temporary URL into our storage, exactly once.
 
 The caller already holds the download lease (``lifecycle.apply_task`` or ``claim_due``). The
-body is streamed through a ``ClipWriter`` of the storage backend (a partial file, or a multipart
-upload) while its sha256 and size are computed; the first bytes must be an MP4 ``ftyp`` box; the
-size is capped while streaming, not trusted from Content-Length. The writer then commits (fsync
-and rename; CompleteMultipartUpload), and only then is the video marked ``ready`` (still under
-the lease). Hashing and local disk writes run in worker threads (``app.jobs.sink``) so the event
-loop keeps acking webhooks. Any failure aborts the writer, so nothing half-written remains.
+body is streamed through a ``ClipWriter`` of the storage backend (a partial file, or for S3 a
+local spool) while its sha256 and size are computed; the first bytes must be an MP4 ``ftyp``
+box; the size is capped while streaming, not trusted from Content-Length. The whole file is
+then checked with PyAV (``app.media.prepare_clip``, in a worker thread): no playable video is a
+permanent ``bad_mp4`` failure; a ``moov`` at the end is remuxed to fast-start in place (and the
+stored size and sha256 become the remuxed file's); the clip's facts and a poster JPEG come out
+of the same pass. The writer then commits the poster and the clip (fsync and rename; an S3
+upload of the spool), and only then is the video marked ``ready`` with its facts (still under
+the lease). Hashing, local disk writes and the check run in worker threads (``app.jobs.sink``,
+``app.threads``) so the event loop keeps acking webhooks. Any failure aborts the writer, so
+nothing half-written remains.
 Transient failures (network, storage) give the lease back with a backoff until the deadline: the
 URL's ``expires_at`` or the task's end plus ``DOWNLOAD_MAX_RETRY_SECONDS``, whichever comes
 first. Any other exception is handled the same way (recorded in ``last_error``, logged with the
@@ -26,6 +31,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -38,10 +44,12 @@ from app.jobs.hosts import HostAllowlist, Refused, resolves_to_public
 from app.jobs.resolve import AddressRefused
 from app.jobs.sink import Sink
 from app.logging import bind
+from app.media import BadClip, PreparedClip, prepare_clip, warnings_for
 from app.metrics import METRICS
 from app.models import Status
 from app.retry import backoff_seconds
 from app.storage import ClipWriter, Storage, StorageError
+from app.threads import run_bulk
 
 __all__ = ["DownloadSettings", "Downloader", "is_mp4_header"]
 
@@ -165,7 +173,7 @@ class Downloader:
         heartbeat = asyncio.create_task(self._heartbeat(video_id, owner, lost, finished))
         try:
             # ``_copy`` aborts its writer on every way out but success: nothing to clean here.
-            size, digest, key = await self._until_stopped(self._copy(video_id, owner, url, lost))
+            stored = await self._until_stopped(self._copy(video_id, owner, url, lost))
         except Permanent as exc:
             await self._fail(video_id, owner, exc.code, str(exc))
             return
@@ -189,20 +197,41 @@ class Downloader:
             # connection holding a write lock. It notices ``finished`` and ends by itself.
             finished.set()
             await asyncio.shield(heartbeat)
+        clip = stored.clip
         async with self._sm() as session, session.begin():
+            video = await repository.get(session, video_id)
+            warnings = (
+                warnings_for(clip.facts, duration=video.duration, resolution=video.resolution)
+                if video is not None
+                else []
+            )
             ready = await lifecycle.mark_ready(
                 session,
                 video_id=video_id,
                 owner=owner,
-                size_bytes=size,
-                sha256=digest,
-                storage_key=key,
+                size_bytes=stored.size,
+                sha256=stored.sha256,
+                storage_key=stored.key,
                 now=self._clock(),
+                facts=clip.facts,
+                warnings=warnings,
+                faststart_remuxed=clip.faststart_remuxed,
+                poster_key=stored.poster_key,
             )
+        size = stored.size
         if ready is None:
             await self._lost_before_ready(video_id, key)
         else:
-            log.info("download.ready size=%d sha256=%s", size, digest)
+            log.info(
+                "download.ready size=%d sha256=%s %dx%d %.2fs warnings=%s faststart_remuxed=%s",
+                size,
+                stored.sha256,
+                clip.facts.width,
+                clip.facts.height,
+                clip.facts.duration_seconds,
+                ",".join(warnings) or "-",
+                clip.faststart_remuxed,
+            )
             METRICS.downloads.labels("ready").inc()
             METRICS.download_bytes.inc(size)
             METRICS.download_seconds.observe(asyncio.get_running_loop().time() - started)
@@ -234,7 +263,7 @@ class Downloader:
 
     async def _copy(
         self, video_id: uuid.UUID, owner: str, url: str, lost: asyncio.Event
-    ) -> tuple[int, str, str]:
+    ) -> _Stored:
         # Confirm the lease before touching storage: it may have expired (and been taken by
         # another replica) while this download waited for a slot.
         await self._renew(video_id, owner)
@@ -242,18 +271,23 @@ class Downloader:
         writer = await self._storage.open_writer(video_id, owner)
         try:
             size, digest = await self._fetch(url, writer, lost)
+            clip = await _prepare(await writer.spool())
             if lost.is_set():
                 raise Stopped("lease lost")
-            await writer.commit()
+            await writer.commit(poster=clip.facts.poster)
         except BaseException:
             # Shielded: a second cancellation must not leave half an upload behind.
             await asyncio.shield(writer.abort())
             raise
-        return size, digest, writer.key
+        return _Stored(
+            key=writer.key,
+            poster_key=writer.poster_key,
+            size=clip.size_bytes if clip.size_bytes is not None else size,
+            sha256=clip.sha256 or digest,
+            clip=clip,
+        )
 
-    async def _until_stopped(
-        self, work: Coroutine[Any, Any, tuple[int, str, str]]
-    ) -> tuple[int, str, str]:
+    async def _until_stopped(self, work: Coroutine[Any, Any, _Stored]) -> _Stored:
         """Run ``work``; a shutdown request cancels it even while it waits on the network."""
         task = asyncio.ensure_future(work)
         stopper = asyncio.ensure_future(self._stop.wait())
@@ -469,6 +503,32 @@ class Downloader:
         if failed is not None:
             log.warning("download.failed code=%s message=%s", code, message)
             METRICS.downloads.labels(code).inc()
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """A committed clip: what ``mark_ready`` records."""
+
+    key: str
+    poster_key: str
+    size: int
+    sha256: str
+    clip: PreparedClip
+
+
+async def _prepare(path: Path) -> PreparedClip:
+    """``app.media.prepare_clip`` in a bulk worker thread; ``Permanent("bad_mp4")`` for a file
+    that is no playable video. A cancellation waits for the thread to be done with the file
+    before it goes on (the writer's abort removes that file next)."""
+    work = asyncio.ensure_future(run_bulk(prepare_clip, path))
+    try:
+        return await asyncio.shield(work)
+    except BadClip as exc:
+        raise Permanent("bad_mp4", f"the downloaded file is not a playable MP4: {exc}") from None
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait({work})
+        raise
 
 
 def _through_proxy(url: httpx.URL) -> bool:

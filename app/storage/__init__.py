@@ -9,6 +9,11 @@ interface. The contract every backend keeps:
   CompleteMultipartUpload). ``abort()`` leaves nothing behind, and never raises.
 - A crashed attempt may leave leftovers (a partial file; an unfinished multipart upload).
   The next attempt, holding the lease, removes them with ``discard_leftovers``.
+- Before ``commit`` the writer's ``spool()`` gives the whole clip as a local file, so the
+  downloader can verify it (and remux it to fast-start) before anything is published: local
+  storage's own partial file (no copy), or S3's local spool that ``commit`` uploads.
+- A clip's poster (a JPEG) is published by the same ``commit`` under ``poster_key(key)``
+  (``<2 hex>/<id>.jpg``), before the clip; ``abort`` removes it too.
 - Keys are relative (``<2 hex>/<id>.mp4``) and stored in ``videos.storage_key``; a backend
   maps them to a path or an object name.
 """
@@ -18,11 +23,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from app.storage.base import (
+    POSTER_CONTENT_TYPE,
     ClipWriter,
     Storage,
     StorageError,
     StorageLocation,
     parse_storage_url,
+    poster_key,
 )
 from app.storage.local import LocalStorage, LocalWriter
 
@@ -30,6 +37,7 @@ if TYPE_CHECKING:
     from app.config import Settings
 
 __all__ = [
+    "POSTER_CONTENT_TYPE",
     "ClipWriter",
     "LocalStorage",
     "LocalWriter",
@@ -38,6 +46,7 @@ __all__ = [
     "StorageLocation",
     "open_storage",
     "parse_storage_url",
+    "poster_key",
 ]
 
 
@@ -54,4 +63,5 @@ def open_storage(settings: Settings) -> Storage:
         endpoint_url=settings.S3_ENDPOINT_URL,
         region=settings.S3_REGION,
         presign_seconds=settings.S3_PRESIGN_SECONDS,
+        spool_dir=settings.STORAGE_DIR / ".partial",
     )

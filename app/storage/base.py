@@ -14,12 +14,22 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
+    "POSTER_CONTENT_TYPE",
     "ClipWriter",
     "Storage",
     "StorageError",
     "StorageLocation",
     "parse_storage_url",
+    "poster_key",
 ]
+
+POSTER_CONTENT_TYPE = "image/jpeg"
+
+
+def poster_key(clip_key: str) -> str:
+    """Where a clip's poster is kept: beside it, ``<2 hex>/<id>.jpg`` for ``<2 hex>/<id>.mp4``."""
+    stem, dot, _ = clip_key.rpartition(".")
+    return f"{stem}.jpg" if dot else f"{clip_key}.jpg"
 
 
 class StorageError(Exception):
@@ -35,16 +45,33 @@ class ClipWriter(Protocol):
         """The final key the clip is published under by ``commit``."""
         ...
 
+    @property
+    def poster_key(self) -> str:
+        """The key ``commit`` publishes the poster under, if it is given one."""
+        ...
+
     async def write(self, data: bytes) -> None:
         """Append ``data``. Never blocks the event loop."""
         ...
 
-    async def commit(self) -> None:
-        """Make the clip durable and visible under ``key``, all at once."""
+    async def spool(self) -> Path:
+        """Stop writing: the whole clip as one complete local file, to check before ``commit``.
+
+        Until ``commit`` the caller may read that file, and replace it with a rewritten clip
+        (``os.replace`` of a file in the same directory onto the path); ``commit`` publishes
+        whatever the path then holds. Local storage hands back its partial file itself (no
+        copy); S3 hands back the local spool it uploads from at ``commit``.
+        """
+        ...
+
+    async def commit(self, poster: bytes | None = None) -> None:
+        """Make the clip durable and visible under ``key``, all at once; ``poster`` (a JPEG)
+        is published under ``poster_key`` first, so a ready clip always has it."""
         ...
 
     async def abort(self) -> None:
-        """Throw the bytes away, leaving nothing behind. Idempotent; never raises."""
+        """Throw the bytes away (and a poster already published), leaving nothing behind.
+        Idempotent; never raises."""
         ...
 
 
@@ -81,6 +108,10 @@ class Storage(Protocol):
 
         Blocking (it resolves the path).
         """
+        ...
+
+    async def put_small(self, key: str, data: bytes, content_type: str) -> None:
+        """Store a small object (a poster) under ``key`` at once, replacing any other."""
         ...
 
     async def delete(self, key: str) -> None: ...

@@ -2,7 +2,10 @@
 
 A clip is first written to ``<root>/.partial/<video_id>.<owner>.part``; only a complete,
 checked, fsynced file is renamed to its final key, so a reader never sees half a clip and a
-crash leaves at most a partial file that the next attempt removes.
+crash leaves at most a partial file that the next attempt removes. The partial file is also
+what ``LocalWriter.spool`` hands the downloader to verify (and maybe remux) before the rename:
+no extra copy. A poster is written the same way (a partial file, fsync, rename) just before
+its clip is renamed into place.
 
 The blocking methods (``discard_partials``, ``commit``, ``path``) are the primitives; the async
 ones implement ``app.storage.Storage`` on top of them, each in a worker thread.
@@ -21,9 +24,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from app.storage.base import poster_key
 from app.threads import run_bulk
 
-__all__ = ["LocalStorage", "LocalWriter"]
+__all__ = ["LocalStorage", "LocalWriter", "PartialFile", "discard_partials_in"]
+
+
+def discard_partials_in(directory: Path, video_id: uuid.UUID, *, keep: Path) -> int:
+    """Remove ``directory``'s partial files of ``video_id`` but ``keep``; how many. Blocking."""
+    removed = 0
+    for leftover in directory.glob(f"{video_id}.*.part"):
+        if leftover != keep:
+            leftover.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 class LocalStorage:
@@ -57,12 +71,10 @@ class LocalStorage:
         The caller holds the lease, so every other partial file belongs to an attempt that
         lost it: a crashed process, or a stalled one whose heartbeat will notice and stop.
         """
-        removed = 0
-        for leftover in self.partial_dir.glob(f"{video_id}.*.part"):
-            if leftover != keep:
-                leftover.unlink(missing_ok=True)
-                removed += 1
-        return removed
+        return discard_partials_in(self.partial_dir, video_id, keep=keep)
+
+    def poster_partial(self, video_id: uuid.UUID, owner: str) -> Path:
+        return self.partial_dir / f"{video_id}.{owner}.jpg.part"
 
     def commit(self, partial: Path, key: str) -> Path:
         """fsync the partial file, rename it into place, fsync the directory. Blocking."""
@@ -84,11 +96,38 @@ class LocalStorage:
     # -- app.storage.Storage ----------------------------------------------------------------
 
     async def open_writer(self, video_id: uuid.UUID, owner: str) -> LocalWriter:
-        return LocalWriter(self, self.key_for(video_id), self.partial_path(video_id, owner))
+        return LocalWriter(
+            self,
+            self.key_for(video_id),
+            self.partial_path(video_id, owner),
+            self.poster_partial(video_id, owner),
+        )
 
     async def discard_leftovers(self, video_id: uuid.UUID, owner: str) -> int:
+        """Other attempts' partial files, and a poster a dead attempt published before its
+        clip (the video is not ready, so no poster of it is in use)."""
         keep = self.partial_path(video_id, owner)
-        return await asyncio.to_thread(self.discard_partials, video_id, keep=keep)
+        poster = self.path(poster_key(self.key_for(video_id)))
+
+        def discard() -> int:
+            poster.unlink(missing_ok=True)
+            return self.discard_partials(video_id, keep=keep)
+
+        return await asyncio.to_thread(discard)
+
+    def write_small(self, partial: Path, key: str, data: bytes) -> None:
+        """Write ``data`` to ``partial``, then ``commit`` it under ``key``. Blocking."""
+        with partial.open("wb") as fh:
+            fh.write(data)
+        try:
+            self.commit(partial, key)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+    async def put_small(self, key: str, data: bytes, content_type: str) -> None:
+        partial = self.partial_dir / f"{uuid.uuid4()}.small.part"
+        await asyncio.to_thread(self.write_small, partial, key, data)
 
     async def presigned_url(self, key: str) -> str | None:
         return None  # served by the API itself, with Range
@@ -124,33 +163,28 @@ _SYNC_FILE_RANGE_WRITE = 2
 _start_writeback = _load_sync_file_range() if sys.platform == "linux" else lambda *_: None
 
 
-class LocalWriter:
-    """Writes ``partial`` (opened on the first write); ``commit`` is ``LocalStorage.commit``.
+class PartialFile:
+    """One attempt's bytes in a local file (opened on the first write), until they are kept
+    (``close``) or thrown away (``discard``).
 
-    Each step runs in a worker thread under one lock, so an ``abort`` that follows a cancelled
-    ``write`` waits for that write's thread to finish before it closes and removes the file:
-    no file handle or partial file outlives the attempt.
+    Each step runs in a worker thread under one lock, so a ``discard`` that follows a
+    cancelled ``write`` waits for that write's thread to finish before it closes and removes
+    the file: no file handle or partial file outlives the attempt.
     """
 
-    def __init__(self, storage: LocalStorage, key: str, partial: Path) -> None:
-        self._storage = storage
-        self._key = key
-        self.partial = partial
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self._fh: IO[bytes] | None = None
         self._written = 0
         self._finished = False
         self._lock = threading.Lock()
 
-    @property
-    def key(self) -> str:
-        return self._key
-
-    def _write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         with self._lock:
             if self._finished:
-                raise OSError(f"{self.partial.name} was already committed or aborted")
+                raise OSError(f"{self.path.name} was already committed or aborted")
             if self._fh is None:
-                self._fh = self.partial.open("wb", buffering=0)
+                self._fh = self.path.open("wb", buffering=0)
             start = self._written
             self._fh.write(data)
             self._written += len(data)
@@ -158,14 +192,18 @@ class LocalWriter:
             # commit has little left to do (Linux; elsewhere the fsync does all of it).
             _start_writeback(self._fh.fileno(), start, len(data))
 
-    def _close(self) -> None:
+    def close(self) -> Path:
+        """No more writes: the file is complete (created empty if nothing was written)."""
         with self._lock:
             self._finished = True
             fh, self._fh = self._fh, None
             if fh is not None:
                 fh.close()
+            elif not self.path.exists():
+                self.path.touch()
+            return self.path
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
         with self._lock:
             self._finished = True
             fh, self._fh = self._fh, None
@@ -175,16 +213,60 @@ class LocalWriter:
             except OSError:
                 pass  # a failed flush of bytes we are throwing away
             try:
-                self.partial.unlink(missing_ok=True)
+                self.path.unlink(missing_ok=True)
             except OSError:
                 pass  # e.g. the directory itself is gone; the next attempt cleans up
 
-    async def write(self, data: bytes) -> None:
-        await run_bulk(self._write, data)
 
-    async def commit(self) -> None:
-        await asyncio.to_thread(self._close)
-        await asyncio.to_thread(self._storage.commit, self.partial, self._key)
+class LocalWriter:
+    """Writes the partial file; ``commit`` is ``LocalStorage.commit`` (after the poster's)."""
+
+    def __init__(
+        self, storage: LocalStorage, key: str, partial: Path, poster_partial: Path
+    ) -> None:
+        self._storage = storage
+        self._key = key
+        self._poster_key = poster_key(key)
+        self._file = PartialFile(partial)
+        self._poster_partial = poster_partial
+        self._poster_stored = False
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    @property
+    def poster_key(self) -> str:
+        return self._poster_key
+
+    @property
+    def partial(self) -> Path:
+        return self._file.path
+
+    async def write(self, data: bytes) -> None:
+        await run_bulk(self._file.write, data)
+
+    async def spool(self) -> Path:
+        return await asyncio.to_thread(self._file.close)
+
+    def _commit(self, poster: bytes | None) -> None:
+        self._file.close()
+        if poster is not None:
+            self._storage.write_small(self._poster_partial, self._poster_key, poster)
+            self._poster_stored = True
+        self._storage.commit(self._file.path, self._key)
+
+    async def commit(self, poster: bytes | None = None) -> None:
+        await asyncio.to_thread(self._commit, poster)
+
+    def _discard(self) -> None:
+        self._file.discard()
+        if self._poster_stored:
+            self._poster_stored = False
+            try:
+                self._storage.path(self._poster_key).unlink(missing_ok=True)
+            except OSError:
+                pass  # the next attempt's discard_leftovers removes it
 
     async def abort(self) -> None:
         await asyncio.to_thread(self._discard)

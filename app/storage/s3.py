@@ -1,12 +1,18 @@
 """Clips in an S3-compatible bucket (AWS S3, MinIO, R2), through aioboto3.
 
-A clip is uploaded straight to its final object name with a multipart upload, in parts of
-``PART_SIZE`` bytes: at most one part is held in memory, whatever the clip's size. The object
-exists for readers only once ``CompleteMultipartUpload`` succeeds (a clip smaller than one part
-is sent with a single ``PutObject``, just as atomic). A failed or stopped attempt calls
-``AbortMultipartUpload``; if even that cannot reach the store (it is down, or the process
-died), the unfinished upload stays until the next attempt's ``discard_leftovers`` lists the
-uploads on that object name and aborts them. A bucket lifecycle rule
+A download is spooled to a local file first (``<spool_dir>/<video_id>.<owner>.part``, the same
+partial file local storage writes; ``spool_dir`` is ``STORAGE_DIR/.partial``), because the clip
+must be checked whole (and maybe remuxed) before it is published, and a multipart upload
+streamed while downloading would have to be published or thrown away before that. At ``commit``
+the spool is uploaded to the clip's final object name (the poster is put just before the upload
+completes) with a multipart upload, in parts of ``PART_SIZE`` bytes read from the file one at a
+time: at most one part is held in memory, whatever the clip's size. The object exists for
+readers only once ``CompleteMultipartUpload`` succeeds (a clip smaller than one part is sent
+with a single ``PutObject``, just as atomic); the spool is removed then. A failed or stopped
+attempt removes its spool, deletes a poster it put, and calls ``AbortMultipartUpload``; if even
+that cannot reach the store (it is down, or the process died), the unfinished upload stays until
+the next attempt's ``discard_leftovers`` lists the uploads on that object name and aborts them
+(and removes this machine's leftover spools of the video). A bucket lifecycle rule
 (``AbortIncompleteMultipartUpload``) is the backstop for a video that is never retried.
 
 Credentials come from botocore's standard chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
@@ -20,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import posixpath
+import tempfile
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,8 +35,9 @@ import aioboto3
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app.storage.base import StorageError
-from app.storage.local import LocalStorage
+from app.storage.base import POSTER_CONTENT_TYPE, StorageError, poster_key
+from app.storage.local import LocalStorage, PartialFile, discard_partials_in
+from app.threads import run_bulk
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -68,8 +76,10 @@ class S3Storage:
         region: str = "us-east-1",
         presign_seconds: int = 300,
         part_size: int = PART_SIZE,
+        spool_dir: Path | None = None,
     ) -> None:
         self.bucket = bucket
+        self.spool_dir = (spool_dir or Path(tempfile.gettempdir()) / "videorelay-spool").resolve()
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
         self.region = region
@@ -94,7 +104,11 @@ class S3Storage:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def ensure_dirs(self) -> None:
-        return None  # a bucket has no directories; it must exist already
+        # A bucket has no directories (it must exist already); the local spool does.
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def spool_path(self, video_id: uuid.UUID, owner: str) -> Path:
+        return self.spool_dir / f"{video_id}.{owner}.part"
 
     async def client(self) -> S3Client:
         """The one S3 client of this process, created on first use (in the running loop)."""
@@ -129,14 +143,22 @@ class S3Storage:
         )
 
     async def open_writer(self, video_id: uuid.UUID, owner: str) -> S3Writer:
-        return S3Writer(self, self.key_for(video_id))
+        return S3Writer(self, self.key_for(video_id), self.spool_path(video_id, owner))
 
     async def discard_leftovers(self, video_id: uuid.UUID, owner: str) -> int:
-        """Abort every unfinished multipart upload to this video's object name."""
-        name = self.object_name(self.key_for(video_id))
-        removed = 0
+        """Abort every unfinished multipart upload to this video's object name, delete a
+        poster a dead attempt put, and remove this machine's other spools of the video."""
+        key = self.key_for(video_id)
+        name = self.object_name(key)
+        removed = await asyncio.to_thread(
+            discard_partials_in,
+            self.spool_dir,
+            video_id,
+            keep=self.spool_path(video_id, owner),
+        )
         try:
             s3 = await self.client()
+            await s3.delete_object(Bucket=self.bucket, Key=self.object_name(poster_key(key)))
             key_marker: str | None = None
             upload_marker = ""
             while True:
@@ -182,6 +204,20 @@ class S3Storage:
     def local_path(self, key: str) -> Path | None:
         return None
 
+    async def put_small(self, key: str, data: bytes, content_type: str) -> None:
+        try:
+            s3 = await self.client()
+            await s3.put_object(
+                Bucket=self.bucket,
+                Key=self.object_name(key),
+                Body=data,
+                ContentType=content_type,
+            )
+        except _ERRORS as exc:
+            raise StorageError(
+                f"storing {posixpath.basename(key)} failed: {_describe(exc)}"
+            ) from exc
+
     async def delete(self, key: str) -> None:
         try:
             s3 = await self.client()
@@ -195,20 +231,25 @@ class S3Storage:
 
 
 class S3Writer:
-    """Buffers one part at a time; starts the multipart upload when the first part is full."""
+    """Spools to a local file; ``commit`` puts the poster, then uploads the spool."""
 
-    def __init__(self, storage: S3Storage, key: str) -> None:
+    def __init__(self, storage: S3Storage, key: str, spool: Path) -> None:
         self._storage = storage
         self._key = key
         self._name = storage.object_name(key)
-        self._buffer = bytearray()
+        self._poster_key = poster_key(key)
+        self._file = PartialFile(spool)
         self._upload_id: str | None = None
-        self._parts: list[CompletedPartTypeDef] = []
+        self._poster_stored = False
         self._finished = False
 
     @property
     def key(self) -> str:
         return self._key
+
+    @property
+    def poster_key(self) -> str:
+        return self._poster_key
 
     @property
     def upload_id(self) -> str | None:
@@ -224,75 +265,90 @@ class S3Writer:
     async def write(self, data: bytes) -> None:
         if self._finished:
             raise StorageError("write after commit or abort")
-        self._buffer += data
-        if len(self._buffer) >= self._storage.part_size:
-            await self._send_part()
+        await run_bulk(self._file.write, data)
 
-    async def _send_part(self) -> None:
-        storage = self._storage
-        # Hand the buffer over, so at most one part (plus the chunk being added) is in memory.
-        body = bytes(self._buffer)
-        self._buffer = bytearray()
-        try:
-            s3 = await storage.client()
-            if self._upload_id is None:
-                created = await s3.create_multipart_upload(
-                    Bucket=storage.bucket, Key=self._name, **self._object_args()
-                )
-                self._upload_id = created["UploadId"]
-            number = len(self._parts) + 1
-            if number > MAX_PARTS:
-                raise StorageError(f"more than {MAX_PARTS} parts")
-            sent = await s3.upload_part(
-                Bucket=storage.bucket,
-                Key=self._name,
-                UploadId=self._upload_id,
-                PartNumber=number,
-                Body=body,
-            )
-        except _ERRORS as exc:
-            raise StorageError(f"uploading a part failed: {_describe(exc)}") from exc
-        self._parts.append({"ETag": sent["ETag"], "PartNumber": number})
+    async def spool(self) -> Path:
+        return await asyncio.to_thread(self._file.close)
 
-    async def commit(self) -> None:
+    async def commit(self, poster: bytes | None = None) -> None:
         if self._finished:
             raise StorageError("commit after commit or abort")
         storage = self._storage
+        path = await asyncio.to_thread(self._file.close)
+        size = (await asyncio.to_thread(path.stat)).st_size
         try:
             s3 = await storage.client()
-            if self._upload_id is None:
-                body = bytes(self._buffer)
-                self._buffer = bytearray()
+            if size <= storage.part_size:
+                body = await run_bulk(path.read_bytes)
+                await self._put_poster(poster)
                 await s3.put_object(
                     Bucket=storage.bucket, Key=self._name, Body=body, **self._object_args()
                 )
             else:
-                if self._buffer:
-                    await self._send_part()  # the last part may be smaller than 5 MiB
-                await s3.complete_multipart_upload(
-                    Bucket=storage.bucket,
-                    Key=self._name,
-                    UploadId=self._upload_id,
-                    MultipartUpload={"Parts": self._parts},
-                )
+                await self._upload_parts(s3, path, size, poster)
         except _ERRORS as exc:
-            raise StorageError(f"completing the upload failed: {_describe(exc)}") from exc
+            raise StorageError(f"uploading the clip failed: {_describe(exc)}") from exc
         self._finished = True
         self._upload_id = None
+        await asyncio.to_thread(self._file.discard)  # uploaded: the spool has done its job
+
+    async def _put_poster(self, poster: bytes | None) -> None:
+        """Just before the clip is published, so a failed upload seldom leaves one behind."""
+        if poster is not None:
+            await self._storage.put_small(self._poster_key, poster, POSTER_CONTENT_TYPE)
+            self._poster_stored = True
+
+    async def _upload_parts(
+        self, s3: S3Client, path: Path, size: int, poster: bytes | None
+    ) -> None:
+        storage = self._storage
+        count = -(-size // storage.part_size)
+        if count > MAX_PARTS:
+            raise StorageError(f"more than {MAX_PARTS} parts")
+        created = await s3.create_multipart_upload(
+            Bucket=storage.bucket, Key=self._name, **self._object_args()
+        )
+        self._upload_id = upload_id = created["UploadId"]
+        parts: list[CompletedPartTypeDef] = []
+        with path.open("rb") as fh:  # reads go to a worker thread; opening does not block
+            for number in range(1, count + 1):
+                # One part in memory at a time, whatever the clip's size.
+                body = await run_bulk(fh.read, storage.part_size)
+                sent = await s3.upload_part(
+                    Bucket=storage.bucket,
+                    Key=self._name,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                )
+                parts.append({"ETag": sent["ETag"], "PartNumber": number})
+        await self._put_poster(poster)
+        await s3.complete_multipart_upload(
+            Bucket=storage.bucket,
+            Key=self._name,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
 
     async def abort(self) -> None:
         self._finished = True
-        self._buffer = bytearray()
+        await asyncio.to_thread(self._file.discard)
         upload_id, self._upload_id = self._upload_id, None
-        if upload_id is None:
+        stored, self._poster_stored = self._poster_stored, False
+        if upload_id is None and not stored:
             return
         storage = self._storage
         try:
             async with asyncio.timeout(ABORT_TIMEOUT_SECONDS):
                 s3 = await storage.client()
-                await s3.abort_multipart_upload(
-                    Bucket=storage.bucket, Key=self._name, UploadId=upload_id
-                )
+                if upload_id is not None:
+                    await s3.abort_multipart_upload(
+                        Bucket=storage.bucket, Key=self._name, UploadId=upload_id
+                    )
+                if stored:
+                    await s3.delete_object(
+                        Bucket=storage.bucket, Key=storage.object_name(self._poster_key)
+                    )
         except Exception as exc:  # never raise from an abort: the caller is already failing
             log.warning(
                 "storage.abort_failed key=%s error=%s (the next attempt removes the upload)",
