@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from app.storage import poster_key
 from tools.procs import percentile
 
 __all__ = [
@@ -393,7 +394,7 @@ def _integrity(data: RunData, tasks_by_id: dict[str, SimTaskInfo]) -> dict[str, 
         key = video.storage_key
         stored = data.stored.get(key) if key else None
         if key:
-            referenced.add(key)
+            referenced.update((key, poster_key(key)))  # the clip and its poster beside it
         if stored is None:
             problems.append({"video_id": video.id, "problem": f"stored file {key} is missing"})
             continue
