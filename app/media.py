@@ -19,9 +19,10 @@ and either returns its ``ClipFacts`` or raises ``BadClip``:
   rewrites it with the index first (``movflags=faststart``), copying the packets as they are.
   ``prepare_clip`` does both, and hashes the remuxed file, whose bytes are the ones stored.
 
-Everything here is blocking and CPU-bound: run it in a worker thread (``app.threads.run_bulk``),
-never on the event loop. Decoding uses one thread per clip, so the bulk pool's size bounds the
-cores that inspections take.
+Everything here is blocking and CPU-bound, and parts of it (Pillow's JPEG encoder, PyAV's frame
+conversion) hold the GIL for tens of milliseconds: the downloader runs it in a worker process
+(``app.threads.run_isolated``), never on the event loop or in its threads. Decoding uses one
+thread per clip, so the pool's size (one process per core) bounds the cores checks take.
 """
 
 from __future__ import annotations

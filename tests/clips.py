@@ -17,6 +17,7 @@ from PIL import Image
 
 __all__ = [
     "audio_only",
+    "noise",
     "padded",
     "boxes",
     "good_mp4",
@@ -68,6 +69,24 @@ def _render(
                 shifted = base.rotate(index * 7)
                 frame = av.VideoFrame.from_image(shifted)
                 out.mux(stream.encode(frame))
+            out.mux(stream.encode(None))
+        with open(path, "rb") as clip:
+            return clip.read()
+
+
+@functools.lru_cache(maxsize=1)
+def noise() -> bytes:
+    """A 3 s, 1 fps, 1920x1080 clip of pure noise: no JPEG of a frame fits in 200 KB."""
+    with tempfile.TemporaryDirectory(prefix="clips-") as tmp:
+        path = os.path.join(tmp, "noise.mp4")
+        with av.open(path, mode="w", format="mp4", options={"movflags": "+faststart"}) as out:
+            stream = out.add_stream("libx264", rate=1)
+            stream.width, stream.height = 1920, 1080
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"preset": "ultrafast", "crf": "25", "threads": "1"}
+            picture = Image.effect_noise((1920, 1080), 128).convert("RGB")
+            for _ in range(3):
+                out.mux(stream.encode(av.VideoFrame.from_image(picture)))
             out.mux(stream.encode(None))
         with open(path, "rb") as clip:
             return clip.read()

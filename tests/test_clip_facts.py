@@ -223,6 +223,22 @@ class TestLocalStorage:
         poster = await service.client.get(right_done["poster_url"])
         assert_jpeg_of(poster.content, (1280, 720))
 
+    async def test_a_frame_too_busy_for_200_kb_still_gets_a_poster_that_fits(
+        self, services: ServiceFactory, sim: Sim, origin: ClipOrigin
+    ):
+        origin.files["noise"] = clips.noise()
+        service = await start(services, sim, origin)
+        video = await deliver(service, origin, "noise", duration=3, resolution="1080p")
+        done = await service.wait_for(video["id"], "ready", "failed")
+        assert done["status"] == "ready", done["error"]  # a poster never fails a clip
+        assert (done["width"], done["height"]) == (1920, 1080)
+        poster = (await service.client.get(done["poster_url"])).content
+        assert len(poster) <= 200 * 1024
+        with Image.open(io.BytesIO(poster)) as image:
+            # Scaled down, as the last resort, keeping the aspect ratio.
+            assert image.format == "JPEG" and image.size[0] < 1920
+            assert image.size[0] * 1080 == image.size[1] * 1920
+
 
 class TestSignedPoster:
     async def test_signed_poster_url_works_without_a_key_and_not_when_altered(

@@ -99,6 +99,19 @@ RATE_LIMIT_DOCS: dict[str, Any] = {
 }
 
 
+def _presigned_redirect(what: str) -> dict[str, Any]:
+    """The ``307`` of a stored file read from S3, as OpenAPI describes it."""
+    return {
+        "description": f"S3 storage: the {what} is at the presigned URL in `Location`.",
+        "headers": {
+            "Location": {
+                "description": "Presigned GET URL, valid for `S3_PRESIGN_SECONDS`.",
+                "schema": {"type": "string", "format": "uri"},
+            }
+        },
+    }
+
+
 def to_out(urls: VideoUrls, video: Video, notification: Notification | None = None) -> VideoOut:
     return VideoOut.of(video, urls=urls, notification=notification)
 
@@ -444,15 +457,7 @@ async def delete_video(
     responses={
         200: {"content": {"video/mp4": {}}},
         206: {"description": "Partial content for a Range request."},
-        307: {
-            "description": "S3 storage: the clip is at the presigned URL in `Location`.",
-            "headers": {
-                "Location": {
-                    "description": "Presigned GET URL, valid for `S3_PRESIGN_SECONDS`.",
-                    "schema": {"type": "string", "format": "uri"},
-                }
-            },
-        },
+        307: _presigned_redirect("clip"),
         400: {"model": ErrorOut, "description": "Malformed `Range` header (`bad_range`)."},
         401: ERRORS[401],
         **SIGNED_ERRORS,
@@ -544,15 +549,7 @@ async def _stored_file(
     ),
     responses={
         200: {"content": {"image/jpeg": {}}},
-        307: {
-            "description": "S3 storage: the poster is at the presigned URL in `Location`.",
-            "headers": {
-                "Location": {
-                    "description": "Presigned GET URL, valid for `S3_PRESIGN_SECONDS`.",
-                    "schema": {"type": "string", "format": "uri"},
-                }
-            },
-        },
+        307: _presigned_redirect("poster"),
         401: ERRORS[401],
         **SIGNED_ERRORS,
         404: {

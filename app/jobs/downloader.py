@@ -4,14 +4,14 @@ The caller already holds the download lease (``lifecycle.apply_task`` or ``claim
 body is streamed through a ``ClipWriter`` of the storage backend (a partial file, or for S3 a
 local spool) while its sha256 and size are computed; the first bytes must be an MP4 ``ftyp``
 box; the size is capped while streaming, not trusted from Content-Length. The whole file is
-then checked with PyAV (``app.media.prepare_clip``, in a worker thread): no playable video is a
+then checked with PyAV (``app.media.prepare_clip``, in a worker process): no playable video is a
 permanent ``bad_mp4`` failure; a ``moov`` at the end is remuxed to fast-start in place (and the
 stored size and sha256 become the remuxed file's); the clip's facts and a poster JPEG come out
 of the same pass. The writer then commits the poster and the clip (fsync and rename; an S3
 upload of the spool), and only then is the video marked ``ready`` with its facts (still under
-the lease). Hashing, local disk writes and the check run in worker threads (``app.jobs.sink``,
-``app.threads``) so the event loop keeps acking webhooks. Any failure aborts the writer, so
-nothing half-written remains.
+the lease). Hashing and local disk writes run in worker threads (``app.jobs.sink``), the check
+in a worker process (``app.threads.run_isolated``), so the event loop keeps acking webhooks.
+Any failure aborts the writer, so nothing half-written remains.
 Transient failures (network, storage) give the lease back with a backoff until the deadline: the
 URL's ``expires_at`` or the task's end plus ``DOWNLOAD_MAX_RETRY_SECONDS``, whichever comes
 first. Any other exception is handled the same way (recorded in ``last_error``, logged with the
@@ -49,7 +49,7 @@ from app.metrics import METRICS
 from app.models import Status
 from app.retry import backoff_seconds
 from app.storage import ClipWriter, Storage, StorageError
-from app.threads import run_bulk
+from app.threads import WorkerDied, run_isolated
 
 __all__ = ["DownloadSettings", "Downloader", "is_mp4_header"]
 
@@ -517,14 +517,16 @@ class _Stored:
 
 
 async def _prepare(path: Path) -> PreparedClip:
-    """``app.media.prepare_clip`` in a bulk worker thread; ``Permanent("bad_mp4")`` for a file
-    that is no playable video. A cancellation waits for the thread to be done with the file
+    """``app.media.prepare_clip`` in a worker process; ``Permanent("bad_mp4")`` for a file
+    that is no playable video. A cancellation waits for the worker to be done with the file
     before it goes on (the writer's abort removes that file next)."""
-    work = asyncio.ensure_future(run_bulk(prepare_clip, path))
+    work = asyncio.ensure_future(run_isolated(prepare_clip, path))
     try:
         return await asyncio.shield(work)
     except BadClip as exc:
         raise Permanent("bad_mp4", f"the downloaded file is not a playable MP4: {exc}") from None
+    except WorkerDied as exc:  # retried like a network error: the deadline bounds it
+        raise Transient(f"checking the clip failed: {exc}") from None
     except asyncio.CancelledError:
         with contextlib.suppress(BaseException):
             await asyncio.wait({work})

@@ -27,7 +27,7 @@ from typing import IO
 from app.storage.base import poster_key
 from app.threads import run_bulk
 
-__all__ = ["LocalStorage", "LocalWriter", "PartialFile", "discard_partials_in"]
+__all__ = ["LocalStorage", "LocalWriter", "PartialFile", "SpooledWriter", "discard_partials_in"]
 
 
 def discard_partials_in(directory: Path, video_id: uuid.UUID, *, keep: Path) -> int:
@@ -218,17 +218,14 @@ class PartialFile:
                 pass  # e.g. the directory itself is gone; the next attempt cleans up
 
 
-class LocalWriter:
-    """Writes the partial file; ``commit`` is ``LocalStorage.commit`` (after the poster's)."""
+class SpooledWriter:
+    """What both backends' writers share: the clip's keys, and its bytes in a local
+    ``PartialFile`` (written in the bulk threads) until ``commit``."""
 
-    def __init__(
-        self, storage: LocalStorage, key: str, partial: Path, poster_partial: Path
-    ) -> None:
-        self._storage = storage
+    def __init__(self, key: str, spool: Path) -> None:
         self._key = key
         self._poster_key = poster_key(key)
-        self._file = PartialFile(partial)
-        self._poster_partial = poster_partial
+        self._file = PartialFile(spool)
         self._poster_stored = False
 
     @property
@@ -239,15 +236,26 @@ class LocalWriter:
     def poster_key(self) -> str:
         return self._poster_key
 
-    @property
-    def partial(self) -> Path:
-        return self._file.path
-
     async def write(self, data: bytes) -> None:
         await run_bulk(self._file.write, data)
 
     async def spool(self) -> Path:
         return await asyncio.to_thread(self._file.close)
+
+
+class LocalWriter(SpooledWriter):
+    """Writes the partial file; ``commit`` is ``LocalStorage.commit`` (after the poster's)."""
+
+    def __init__(
+        self, storage: LocalStorage, key: str, partial: Path, poster_partial: Path
+    ) -> None:
+        super().__init__(key, partial)
+        self._storage = storage
+        self._poster_partial = poster_partial
+
+    @property
+    def partial(self) -> Path:
+        return self._file.path
 
     def _commit(self, poster: bytes | None) -> None:
         self._file.close()

@@ -36,7 +36,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app.storage.base import POSTER_CONTENT_TYPE, StorageError, poster_key
-from app.storage.local import LocalStorage, PartialFile, discard_partials_in
+from app.storage.local import LocalStorage, SpooledWriter, discard_partials_in
 from app.threads import run_bulk
 
 if TYPE_CHECKING:
@@ -230,26 +230,15 @@ class S3Storage:
         self._client = None
 
 
-class S3Writer:
-    """Spools to a local file; ``commit`` puts the poster, then uploads the spool."""
+class S3Writer(SpooledWriter):
+    """Spools to a local file; ``commit`` uploads the spool (and puts the poster)."""
 
     def __init__(self, storage: S3Storage, key: str, spool: Path) -> None:
+        super().__init__(key, spool)
         self._storage = storage
-        self._key = key
         self._name = storage.object_name(key)
-        self._poster_key = poster_key(key)
-        self._file = PartialFile(spool)
         self._upload_id: str | None = None
-        self._poster_stored = False
         self._finished = False
-
-    @property
-    def key(self) -> str:
-        return self._key
-
-    @property
-    def poster_key(self) -> str:
-        return self._poster_key
 
     @property
     def upload_id(self) -> str | None:
@@ -261,14 +250,6 @@ class S3Writer:
             "ContentType": CONTENT_TYPE,
             "ContentDisposition": f'inline; filename="{filename}"',
         }
-
-    async def write(self, data: bytes) -> None:
-        if self._finished:
-            raise StorageError("write after commit or abort")
-        await run_bulk(self._file.write, data)
-
-    async def spool(self) -> Path:
-        return await asyncio.to_thread(self._file.close)
 
     async def commit(self, poster: bytes | None = None) -> None:
         if self._finished:
