@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import child_env
 
-SCENARIOS = ("webhook", "download", "reconciler", "submit")
+SCENARIOS = ("webhook", "download", "media", "reconciler", "submit")
 
 
 def _command() -> list[str]:

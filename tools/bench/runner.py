@@ -26,7 +26,7 @@ from typing import Any
 
 import asyncpg
 
-from tools.bench import download, e2e, reconciler, report, submit, webhook
+from tools.bench import download, e2e, media, reconciler, report, submit, webhook
 from tools.bench.common import PG_ADMIN_DSN, BenchConfig, ScenarioResult
 from tools.procs import postgres_reachable
 
@@ -35,6 +35,7 @@ __all__ = ["SCENARIOS", "BenchError", "build_parser", "main", "run_bench"]
 SCENARIOS: list[tuple[str, str, Callable[[BenchConfig], ScenarioResult]]] = [
     ("webhook", "Webhook ack", webhook.run),
     ("download", "Download", download.run),
+    ("media", "Clip check (PyAV)", media.run),
     ("reconciler", "Reconciler at scale", reconciler.run),
     ("submit", "Submit overhead", submit.run),
     ("e2e", "End to end", e2e.run),
@@ -199,8 +200,8 @@ def build_parser(prog: str = "python -m tools.bench") -> argparse.ArgumentParser
         "--only",
         default="",
         metavar="NAMES",
-        help="comma-separated scenarios to run (webhook, download, reconciler, submit, e2e); "
-        "default all",
+        help="comma-separated scenarios to run (webhook, download, media, reconciler, submit, "
+        "e2e); default all",
     )
     parser.add_argument(
         "--reps",
