@@ -4,10 +4,11 @@ The test plays the customer's backend: it mints a client token with the API key 
 one HTML page from a second origin (another port on 127.0.0.1, listed in ``CORS_ORIGINS``)
 with only that token in it. The page's own script draws a still, uploads it, submits a video
 with ``Authorization: Bearer <token>``, follows ``new EventSource(events_url)`` until
-``ready``, plays ``content_url`` in a ``<video>`` and seeks; it reads the submit's
-``RateLimit-*`` headers (exposed through CORS) and ``GET /v1/usage``. The same page with
-the ``sig`` of ``content_url`` altered gets no video. Every request to a host other than
-127.0.0.1 is aborted.
+``ready``, shows ``poster_url`` (an ``<img>`` and the ``<video poster>``), plays
+``content_url`` in a ``<video>`` and seeks; it reads the submit's ``RateLimit-*`` headers
+(exposed through CORS) and ``GET /v1/usage``. The same page with the ``sig`` of
+``content_url`` altered gets no video. Every request to a host other than 127.0.0.1 is
+aborted.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>frontend</title></head>
 <body>
 <video id="player" muted playsinline></video>
+<img id="poster" alt="">
 <script>
 const API = __API__;
 const TOKEN = __TOKEN__;
@@ -96,6 +98,13 @@ async function main() {
   state.submitRate = { ...state.rate };
   state.usage = await call("/v1/usage", { headers: {} });
   const ready = await untilReady(video.events_url);
+  state.ready = ready;
+  const poster = document.getElementById("poster");
+  poster.addEventListener("load", () => {
+    state.poster = [poster.naturalWidth, poster.naturalHeight];
+  });
+  poster.src = ready.poster_url;  // signed like content_url: no header needed
+  document.getElementById("player").poster = ready.poster_url;
   let src = ready.content_url;
   if (new URLSearchParams(location.search).has("tamper")) {
     const url = new URL(src);
@@ -209,6 +218,12 @@ async def test_a_page_on_another_origin_with_only_a_client_token_submits_watches
                 assert state["usage"]["scope"] == "token"
                 assert state["usage"]["remaining_video_seconds"] == 27
                 assert "&sig=" in state["src"]
+                # The poster shows: a JPEG of the clip's own size, from its signed URL.
+                await wait_js(page, "window.state.poster")
+                ready = await page.evaluate("window.state.ready")
+                assert "&sig=" in ready["poster_url"]
+                shown = await page.evaluate("window.state.poster")
+                assert shown == [ready["width"], ready["height"]], (shown, ready)
                 await wait_js(page, "document.querySelector('#player').readyState >= 2")
                 assert await page.evaluate("document.querySelector('#player').duration") > 1
                 # Seeking: the browser asks for a Range of the same signed URL.

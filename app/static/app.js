@@ -151,6 +151,7 @@ function renderSteps(video) {
 
 function play(video) {
   const player = $("player");
+  player.poster = video.poster_url || "";  // a frame of the clip, shown until it plays
   player.src = video.content_url;  // signed when the service has keys; streamed with HTTP Range
   player.hidden = false;
   const download = $("download");
