@@ -904,14 +904,21 @@ async def files_removed(session: AsyncSession, *, video_id: uuid.UUID) -> None:
 
 
 async def files_to_remove(
-    session: AsyncSession, *, video_id: uuid.UUID, storage_key: str, now: datetime
+    session: AsyncSession,
+    *,
+    video_id: uuid.UUID,
+    storage_key: str,
+    now: datetime,
+    poster_key: str | None = None,
 ) -> bool:
-    """List ``storage_key`` for removal on a deleted video's tombstone (a download committed
-    its clip after the deletion and could not remove it itself); False if not deleted."""
+    """List ``storage_key`` (and ``poster_key``) for removal on a deleted video's tombstone (a
+    download committed its clip after the deletion and could not remove it itself); False if
+    not deleted."""
     row = await _update_returning(
         session,
         and_(Video.id == video_id, Video.status == Status.deleted),
         storage_key=storage_key,
+        poster_key=poster_key,
         due_at=now,
     )
     return row is not None

@@ -220,7 +220,7 @@ class Downloader:
             )
         size = stored.size
         if ready is None:
-            await self._lost_before_ready(video_id, key)
+            await self._lost_before_ready(video_id, stored.key, stored.poster_key)
         else:
             log.info(
                 "download.ready size=%d sha256=%s %dx%d %.2fs warnings=%s faststart_remuxed=%s",
@@ -239,8 +239,9 @@ class Downloader:
                 waited = (ready.ready_at - ready.task_finished_at).total_seconds()
                 METRICS.success_to_stored.observe(max(waited, 0.0))
 
-    async def _lost_before_ready(self, video_id: uuid.UUID, key: str) -> None:
-        """``mark_ready`` found the lease gone after the clip was committed under ``key``. If
+    async def _lost_before_ready(self, video_id: uuid.UUID, key: str, poster: str) -> None:
+        """``mark_ready`` found the lease gone after the clip was committed under ``key`` (and
+        its poster under ``poster``). If
         the video was deleted meanwhile, the file is nobody's: no transition leaves
         ``deleted``, so no other download can own this video's key. Remove it (or, if the
         store fails, list it on the tombstone for the reconciler to remove). Otherwise another
@@ -253,12 +254,17 @@ class Downloader:
         log.info("download.video_deleted_meanwhile")
         METRICS.downloads.labels("deleted").inc()
         try:
+            await self._storage.delete(poster)
             await self._storage.delete(key)
         except (StorageError, OSError) as exc:
             log.warning("download.orphan_kept error=%s (the reconciler removes it)", exc)
             async with self._sm() as session, session.begin():
                 await lifecycle.files_to_remove(
-                    session, video_id=video_id, storage_key=key, now=self._clock()
+                    session,
+                    video_id=video_id,
+                    storage_key=key,
+                    poster_key=poster,
+                    now=self._clock(),
                 )
 
     async def _copy(
