@@ -304,10 +304,10 @@ class TestS3:
         keep = await service.submit()
         await service.wait_for(video["id"], "ready")
         await service.wait_for(keep["id"], "ready")
-        assert len(await bucket.keys()) == 2
+        assert len(await bucket.keys()) == 4  # two clips, each with its poster
 
         assert (await service.client.delete(f"/v1/videos/{video['id']}")).status_code == 204
-        assert await bucket.keys() == [bucket.object_name(keep["id"])]
+        assert await bucket.keys() == _with_poster(bucket.object_name(keep["id"]))
         assert await bucket.uploads() == []
         await assert_gone(service, video["id"])
 
@@ -331,15 +331,21 @@ class TestS3:
         await assert_gone(healthy, video["id"])
         row = await db_video(healthy, video["id"])
         assert row.status == Status.deleted and row.storage_key is not None
-        assert await bucket.keys() == [name]  # still there: the store could not be reached
+        # Still there: the store could not be reached.
+        assert await bucket.keys() == _with_poster(name)
 
         # The healthy replica's reconciler retries once the retry time has come.
         await healthy.ctx.reconciler.tick()
-        assert await bucket.keys() == [name]  # not yet due
+        assert await bucket.keys() == _with_poster(name)  # not yet due
         clock.offset = timedelta(seconds=120)
         await until(lambda: _keys_cleared(healthy, video["id"]), "the reconciler's removal")
         assert await bucket.keys() == []
         assert (await db_video(healthy, video["id"])).status == Status.deleted
+
+
+def _with_poster(name: str) -> list[str]:
+    """A clip's object name and its poster's, as the bucket lists them."""
+    return sorted([name, name.removesuffix(".mp4") + ".jpg"])
 
 
 async def _keys_cleared(service: Service, video_id: str) -> bool:
