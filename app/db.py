@@ -30,6 +30,7 @@ __all__ = [
     "create_sessionmaker",
     "dialect_insert",
     "is_sqlite",
+    "lock_first",
     "utc_now",
 ]
 
@@ -207,30 +208,45 @@ async def claim_due_rows(
     """The one claim statement, for any mapped table with ``id``, ``status``, ``due_at`` and
     ``lease_owner`` (videos and notifications); ``where`` narrows the rows further.
 
-    The inner SELECT skips rows another replica has locked (Postgres); the UPDATE pushes
-    ``due_at`` forward so nobody else picks them up until ``hold`` passes. SQLite serializes
-    writers, so the same statement is safe there without SKIP LOCKED.
+    The rows are locked first (``lock_first``), skipping rows another replica has locked
+    (Postgres); the UPDATE pushes ``due_at`` forward so nobody else picks them up until
+    ``hold`` passes. SQLite serializes writers, so the same is safe there without SKIP LOCKED.
     """
     table: Any = model  # a mapped class with the four columns above
     due_now = and_(table.status == status, table.due_at <= now)
     if where is not None:
         due_now = and_(due_now, where)
-    due = (
-        select(table.id)
-        .where(due_now)
-        .order_by(table.due_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
+    ids = await lock_first(session, table, due_now, order_by=table.due_at, limit=limit)
+    if not ids:
+        return []
     stmt = (
         update(table)
-        .where(table.id.in_(due), due_now)
+        .where(table.id.in_(ids), due_now)
         .values(due_at=now + hold, lease_owner=owner, **values)
         .returning(table)
     )
     result = await session.execute(stmt, execution_options={"synchronize_session": False})
     return list(result.scalars().all())
+
+
+async def lock_first(
+    session: AsyncSession, table: Any, where: Any, *, order_by: Any, limit: int
+) -> list[Any]:
+    """The ids of the first ``limit`` rows of ``table`` matching ``where``, locked for this
+    transaction, skipping rows another transaction holds (Postgres; SQLite serializes writers).
+
+    A statement of its own, before the UPDATE that uses them: inside the UPDATE, as ``id IN
+    (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)``, Postgres may run the subquery again for
+    every row it considers and take far more than ``limit`` rows (5 of 5 with a limit of 1).
+    """
+    stmt = (
+        select(table.id)
+        .where(where)
+        .order_by(order_by)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return list((await session.execute(stmt)).scalars())
 
 
 _BindProcessor = Callable[[Any], Any] | None

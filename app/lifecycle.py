@@ -44,7 +44,7 @@ from sqlalchemy import String, Table, Text, Uuid, and_, bindparam, func, insert,
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import TypeEngine
 
-from app.db import BulkStatement, UTCDateTime, claim_due_rows, dialect_insert
+from app.db import BulkStatement, UTCDateTime, claim_due_rows, dialect_insert, lock_first
 from app.hiapi.schemas import Task, TaskStatus
 from app.models import Status, Via, Video
 from app.outbox import drop_pending, queue_notification
@@ -858,10 +858,7 @@ async def delete_expired(
         Video.status.in_((Status.ready.value, Status.failed.value)),
         Video.created_at < created_before,
     )
-    # The ids first, locked, then the UPDATE over exactly those: an ``IN (SELECT ... LIMIT)``
-    # subquery may be run again per row by Postgres's plan and take more than ``limit``.
-    due = select(Video.id).where(ended).order_by(Video.created_at).limit(limit)
-    ids = list((await session.execute(due.with_for_update(skip_locked=True))).scalars())
+    ids = await lock_first(session, Video, ended, order_by=Video.created_at, limit=limit)
     if not ids:
         return []
     stmt = (

@@ -320,6 +320,23 @@ class TestClaims:
         assert len(claimed) == len(set(claimed)) == 20
         assert set(claimed) == ids
 
+    async def test_a_claim_takes_at_most_its_limit_oldest_first(self, sm):
+        videos = [await new_video(sm, task_id=f"tk-m{i}") for i in range(5)]
+        taken: list[uuid.UUID] = []
+        for _ in range(3):
+            async with sm() as session, session.begin():
+                rows = await lifecycle.claim_due(
+                    session,
+                    status=Status.processing,
+                    now=utc_now(),
+                    hold=LEASE,
+                    owner=uuid.uuid4().hex,
+                    limit=2,
+                )
+            assert len(rows) <= 2  # Postgres took all 5 in one claim before (issue 14)
+            taken += [r.id for r in rows]
+        assert taken == [v.id for v in videos]  # due first, claimed first
+
     async def test_rows_not_yet_due_are_not_claimed(self, sm):
         await new_video(sm, hold=60)
         async with sm() as session, session.begin():
