@@ -328,7 +328,10 @@ async def create_video(
 
 async def _update_returning(session: AsyncSession, where: Any, **values: Any) -> Video | None:
     stmt = update(Video).where(where).values(**values).returning(Video)
-    result = await session.execute(stmt, execution_options={"synchronize_session": False})
+    # populate_existing: a Video this session loaded before is refreshed with the row as
+    # updated, not handed back with its old attributes (a ready video read as "downloading").
+    options = {"synchronize_session": False, "populate_existing": True}
+    result = await session.execute(stmt, execution_options=options)
     return result.scalar_one_or_none()
 
 
