@@ -793,6 +793,11 @@ def _tombstone(now: datetime, retry_at: datetime) -> dict[str, Any]:
     return {
         "status": Status.deleted,
         "deleted_at": now,
+        # Nothing the caller wrote stays: a user's deletion request is met by the tombstone too.
+        "prompt": None,
+        "meta": None,
+        "notify_url": None,
+        "image_url": "",
         "output_url": None,
         "output_expires_at": None,
         "lease_owner": None,

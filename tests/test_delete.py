@@ -63,7 +63,7 @@ async def no_files(service: Service, video_id: str) -> bool:
 
 class TestDeleteReady:
     async def test_the_clip_goes_and_a_tombstone_stays(self, service: Service, sim: Sim):
-        video = await service.submit()
+        video = await service.submit(prompt="ann's birthday", metadata={"user": "ann@example.com"})
         await service.wait_for(video["id"], "ready")
         path = stored_path(service, video["id"])
         assert path.is_file()
@@ -79,6 +79,8 @@ class TestDeleteReady:
         row = await db_video(service, video["id"])
         assert row.status == Status.deleted and row.deleted_at is not None
         assert row.storage_key is None and row.poster_key is None and row.output_url is None
+        # Nothing the caller wrote stays on the tombstone (a deletion request must be met).
+        assert (row.prompt, row.meta, row.notify_url, row.image_url) == (None, None, None, "")
         assert deleted_count("api") - before == 1
         # The other video and its clip are still there.
         assert (await service.get(keep["id"]))["status"] == "ready"
